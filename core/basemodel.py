@@ -1,0 +1,190 @@
+"""Base models: build the small offline demo base, and load any base by local path or hub id.
+
+The demo base is a random-init Llama-architecture causal LM (head_dim 64, which the
+CPU build of vLLM requires) with a byte-level BPE tokenizer trained on text shipped
+in this package and a ChatML chat template. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterdeck.core.errors import AdapterdeckError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from adapterdeck.core.formats import Conversation
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+
+def corpus_text() -> str:
+    """The text shipped in the package that the demo tokenizer is trained on."""
+    return resources.files("adapterdeck.core").joinpath("data/corpus.txt").read_text("utf-8")
+
+
+def build_base_model(
+    out: str | Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    layers: int = 2,
+    intermediate_size: int = 512,
+    max_positions: int = 1024,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the demo base model to ``out`` (weights, config, tokenizer, chat template)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    say = progress or (lambda _msg: None)
+    hf_logging.disable_progress_bar()
+    head_dim = 64
+    if hidden_size % head_dim:
+        raise AdapterdeckError(f"hidden size {hidden_size} must be a multiple of 64 (vLLM's CPU attention)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    say("training the byte-level BPE tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The chat roles go in too, so the template's scaffolding is a few tokens, not many.
+    roles = ["system\n", "user\n", "assistant\n"] * 50
+    tok.train_from_iterator(corpus_text().splitlines() + roles, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        model_max_length=max_positions,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+
+    say("initialising the model weights")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // head_dim,
+        num_key_value_heads=hidden_size // head_dim,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "adapterdeck-base.json").write_text(
+        json.dumps({"builder": "adapterdeck base build", "seed": seed}, indent=2) + "\n"
+    )
+    say(f"wrote {out}")
+    return out
+
+
+def _hub_hint(base: str) -> str:
+    if Path(base).exists():
+        return ""
+    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+    return (
+        f" ({base!r} is not a local directory, so it was looked up as a hub id"
+        + ("; HF_HUB_OFFLINE is set" if offline else "; is this machine online?")
+        + ")"
+    )
+
+
+def load_tokenizer(base: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model given as a local directory or a hub id."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base)
+    except Exception as exc:  # OSError, ValueError, HTTP errors: all mean "no usable tokenizer"
+        raise AdapterdeckError(
+            f"cannot load the tokenizer of base model {base!r}: {exc}{_hub_hint(base)}"
+        ) from exc
+
+
+def load_config(base: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(base)
+    except Exception as exc:
+        raise AdapterdeckError(
+            f"cannot load the config of base model {base!r}: {exc}{_hub_hint(base)}"
+        ) from exc
+
+
+def context_length(base: str) -> int | None:
+    """The longest sequence the base model takes, when its config says."""
+    config = load_config(base)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **kwargs: Any) -> str:
+    """Render messages with the tokenizer's chat template, with a clear error when it has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise AdapterdeckError(
+            f"the tokenizer of {tokenizer.name_or_path!r} has no chat template; "
+            "use a chat/instruct base model or set one in its tokenizer_config.json"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[Conversation]], list[int]]:
+    """Counts the tokens of whole conversations as the base's chat template renders them."""
+
+    def count(conversations: list[Conversation]) -> list[int]:
+        texts = [render_chat(tokenizer, c.as_dicts()) for c in conversations]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    return count
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 over the model directory's safetensors files, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,209 @@
+"""The ``adapterdeck`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterdeck.core import __version__
+from adapterdeck.core.errors import AdapterdeckError
+
+app = typer.Typer(
+    name="adapterdeck",
+    help="Fine-tune adapters, keep them in a registry, serve them all from one base model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+plugins_app = typer.Typer(
+    help="Data formats, tuning methods and evaluators from plugins.", no_args_is_help=True
+)
+base_app = typer.Typer(help="Base models.", no_args_is_help=True)
+data_app = typer.Typer(help="Check and split training data.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(base_app, name="base")
+app.add_typer(data_app, name="data")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@app.command()
+def version() -> None:
+    """Print the adapterdeck version."""
+    out.print(__version__)
+
+
+@plugins_app.command("list")
+def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Every format, method and evaluator, where it comes from, and any plugin that failed to load."""
+    from adapterdeck.core.plugins import catalog
+
+    cat = catalog()
+    rows = []
+    for reg in cat.entries():
+        row: dict[str, Any] = {
+            "kind": reg.kind,
+            "name": reg.name,
+            "description": getattr(reg.obj, "description", ""),
+            "source": reg.origin.label,
+            "plugin": reg.origin.plugin,
+            "distribution": reg.origin.distribution,
+            "version": reg.origin.version,
+        }
+        if reg.kind == "method":
+            row["served_by"] = list(reg.obj.served_by)
+        if reg.kind == "evaluator":
+            row["higher_is_better"] = reg.obj.higher_is_better
+        rows.append(row)
+    errors = [
+        {
+            "plugin": p.plugin,
+            "source": p.origin.label,
+            "distribution": p.origin.distribution,
+            "version": p.origin.version,
+            "error": p.error,
+        }
+        for p in cat.problems
+    ]
+    if as_json:
+        _print_json({"plugins": rows, "errors": errors})
+        return
+    table = Table("kind", "name", "source", "description", box=None, header_style="bold")
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["source"], row["description"])
+    out.print(table)
+    for e in errors:
+        err.print(
+            f"[red]plugin {e['plugin']} ({e['source']}):[/red] {e['error']}", markup=True, highlight=False
+        )
+
+
+@base_app.command("build")
+def base_build(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    seed: Annotated[int, typer.Option(help="Seed for the random initialisation.")] = 0,
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
+    hidden_size: Annotated[int, typer.Option(help="Hidden size (a multiple of 64).")] = 128,
+    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
+) -> None:
+    """Build the small offline demo base model (random init, seeded: same seed, same bytes)."""
+    from adapterdeck.core.basemodel import build_base_model
+
+    with err.status("building the base model") as status:
+        path = build_base_model(
+            out_dir,
+            seed=seed,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            layers=layers,
+            progress=lambda msg: status.update(msg),
+        )
+    out.print(f"base model written to [bold]{path}[/bold]")
+
+
+def _report_text(report: Any) -> None:
+    label = f"{report.format} format" if report.format else "unknown format"
+    out.print(
+        f"[bold]{report.path}[/bold]: {label}, {report.lines} lines, {len(report.examples)} good examples"
+    )
+    if report.errors:
+        out.print(f"[red]{len(report.errors)} bad line(s):[/red]")
+        for e in report.errors:
+            out.print(f"  {e}", markup=False, highlight=False)
+    stats = [f"examples {len(report.examples)}"]
+    if report.turns:
+        t = report.turns
+        stats.append(f"turns min {t.min} / mean {t.mean} / max {t.max}")
+    if report.tokens:
+        t = report.tokens
+        limit = f" (limit {report.max_tokens})" if report.max_tokens else ""
+        stats.append(f"tokens min {t.min} / mean {t.mean} / max {t.max}{limit}")
+    out.print("stats: " + " · ".join(stats))
+    for note in report.notes:
+        out.print(f"[dim]note: {note}[/dim]")
+    if report.ok:
+        out.print("[green]ok[/green]")
+
+
+@data_app.command("validate")
+def data_validate(
+    file: Annotated[Path, typer.Argument(help="A JSONL file of examples.")],
+    format: Annotated[
+        str | None, typer.Option("--format", help="Format name; detected when omitted.")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model (local dir or hub id) whose tokenizer counts tokens.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Longest example allowed, in tokens (default: the base's context).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every line of a data file; report each problem with its line number. Exit 1 on any error."""
+    from adapterdeck.core.basemodel import context_length, load_tokenizer, token_counter
+    from adapterdeck.core.dataset import validate_file
+
+    counter = None
+    if base is not None:
+        counter = token_counter(load_tokenizer(base))
+        if max_tokens is None:
+            max_tokens = context_length(base)
+    elif max_tokens is not None:
+        raise AdapterdeckError(
+            "--max-tokens needs --base: tokens are counted with the base model's tokenizer"
+        )
+    report = validate_file(file, format=format, token_counter=counter, max_tokens=max_tokens)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        _report_text(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("split")
+def data_split(
+    file: Annotated[Path, typer.Argument(help="A JSONL file of examples.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for train/validation/test.jsonl.")],
+    ratios: Annotated[str, typer.Option(help="train,validation,test ratios.")] = "0.8,0.1,0.1",
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    format: Annotated[
+        str | None, typer.Option("--format", help="Format name; detected when omitted.")
+    ] = None,
+) -> None:
+    """Split a validated file into train, validation and test files (chat format), seeded."""
+    from adapterdeck.core.dataset import load_examples
+    from adapterdeck.core.split import parse_ratios, split_examples
+
+    report = load_examples(file, format=format)
+    split = split_examples(report.examples, parse_ratios(ratios), seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", split.train), ("validation", split.validation), ("test", split.test)):
+        with (out_dir / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            for conv in part:
+                fh.write(json.dumps({"messages": conv.as_dicts()}, ensure_ascii=False) + "\n")
+    sizes = split.sizes()
+    out.print(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+def main() -> None:
+    """Entry point: user mistakes print a message, not a traceback."""
+    try:
+        app()
+    except AdapterdeckError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""What an evaluator plugin implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One held-out example as a model handled it."""
+
+    prompt: list[dict[str, str]]
+    reference: str
+    prediction: str | None = None  # None when the evaluator needs no generation
+    loss: float | None = None  # mean loss on the reference tokens
+
+
+class Evaluator(ABC):
+    """Scores a model on held-out examples. Subclass it and register an instance."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    #: False when only the loss is needed (no text is generated for it).
+    needs_generation: ClassVar[bool] = True
+
+    @abstractmethod
+    def score(self, sample: EvalSample) -> float:
+        """Score one sample."""
+
+    def aggregate(self, scores: Sequence[float]) -> float:
+        """Combine the per-sample scores (the mean unless overridden)."""
+        return sum(scores) / len(scores) if scores else float("nan")

@@ -1,0 +1,87 @@
+"""What a data format plugin implements, and the conversation it produces."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One training example: messages in order, the last one from the assistant.
+
+    ``line`` is the 1-based line of the source file it came from (0 when built in code).
+    """
+
+    messages: tuple[Message, ...]
+    line: int = 0
+    source: str = ""
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def as_dicts(self) -> list[dict[str, str]]:
+        """The messages as ``[{"role": ..., "content": ...}]`` for a chat template."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """Every message before the final assistant turn."""
+        return self.as_dicts()[:-1]
+
+    @property
+    def reference(self) -> str:
+        """The final assistant turn: what a tuned model should answer."""
+        return self.messages[-1].content
+
+
+class DataFormat(ABC):
+    """A JSONL record format. Subclass it and register an instance.
+
+    ``detect`` is lenient (does this record *try* to be in my format?), so that a
+    broken record of a known format gets precise reasons from ``problems``
+    instead of "unknown format".
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @abstractmethod
+    def detect(self, record: Mapping[str, Any]) -> bool:
+        """True when the record is meant to be in this format."""
+
+    @abstractmethod
+    def problems(self, record: Mapping[str, Any]) -> list[str]:
+        """Every plain reason the record is unusable; empty when it is fine."""
+
+    @abstractmethod
+    def to_conversation(self, record: Mapping[str, Any]) -> Conversation:
+        """Turn a record without problems into a conversation."""
+
+
+def conversation_problems(messages: list[Message]) -> list[str]:
+    """Problems every conversation must not have, whatever format it came from."""
+    found: list[str] = []
+    if not any(m.role == "assistant" for m in messages):
+        found.append("no assistant turn")
+    elif messages[-1].role != "assistant":
+        found.append(f"the last turn is from {messages[-1].role!r}; it must be from the assistant")
+    for i, m in enumerate(messages):
+        if m.role == "system" and i != 0:
+            found.append(f"message {i + 1}: a system message may only come first")
+    return found
+
+
+def json_type_name(value: object) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
