@@ -28,7 +28,11 @@ base_app = typer.Typer(help="Base models.", no_args_is_help=True)
 data_app = typer.Typer(help="Check and split training data.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(base_app, name="base")
+demo_app = typer.Typer(
+    help="The demo: offline base, synthetic task, the whole pipeline.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+app.add_typer(demo_app, name="demo")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -194,6 +198,45 @@ def data_split(
                 fh.write(json.dumps({"messages": conv.as_dicts()}, ensure_ascii=False) + "\n")
     sizes = split.sizes()
     out.print(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+@demo_app.command("data")
+def demo_data(
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
+    n: Annotated[int, typer.Option(help="Number of examples.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write the demo task (sentence -> JSON fields) as chat JSONL."""
+    from adapterdeck.core.demo import write_demo_dataset
+
+    out.print(f"wrote {write_demo_dataset(out_file, n=n, seed=seed)} ({n} examples)")
+
+
+@demo_app.command("run")
+def demo_run(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("out/demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
+) -> None:
+    """Run the demo end to end, offline: build the base, make the data, validate and split it."""
+    from adapterdeck.core.basemodel import build_base_model, context_length, load_tokenizer, token_counter
+    from adapterdeck.core.dataset import load_examples
+    from adapterdeck.core.demo import write_demo_dataset
+    from adapterdeck.core.split import split_examples
+
+    base = workdir / "base"
+    out.rule("1. offline base model")
+    with err.status("building the base model") as status:
+        build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
+    out.print(f"base model: {base}")
+
+    out.rule("2. data")
+    data = write_demo_dataset(workdir / "data.jsonl", seed=seed)
+    report = load_examples(
+        data, token_counter=token_counter(load_tokenizer(str(base))), max_tokens=context_length(str(base))
+    )
+    _report_text(report)
+    split = split_examples(report.examples, seed=seed)
+    out.print("split: " + ", ".join(f"{k} {v}" for k, v in split.sizes().items()))
 
 
 def main() -> None:

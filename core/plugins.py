@@ -221,6 +221,8 @@ def _register(pm: pluggy.PluginManager, obj: object, origin: Origin) -> None:
         _record(origin, f"cannot register: {exc}")
         return
     _origins[origin.plugin] = origin
+    if not pm.get_hookcallers(obj):
+        _record(origin, "implements no adapterdeck hook (is @hookimpl missing?)")
 
 
 def _load_builtins(pm: pluggy.PluginManager) -> None:
@@ -242,7 +244,7 @@ def _normalize(name: str) -> str:
 def _load_entry_points(pm: pluggy.PluginManager, wanted_env: str | None) -> None:
     wanted = None
     if wanted_env is not None:
-        wanted = {_normalize(n) for n in wanted_env.split(",") if n.strip()}
+        wanted = {_normalize(n.strip()) for n in wanted_env.split(",") if n.strip()}
     seen: set[str] = set()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
@@ -280,9 +282,14 @@ def _call_each(
     make_register: Callable[[Origin], _Register],
     catalog: Catalog,
 ) -> None:
-    # One implementation at a time, in registration order: built-ins first, so they keep
-    # their names, and a plugin whose hook raises is reported without stopping the rest.
-    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+    # One implementation at a time, in registration order (built-ins first, so they keep
+    # their names, whatever tryfirst/trylast a plugin asks for), and a plugin whose hook
+    # raises is reported without stopping the rest.
+    order = {name: i for i, name in enumerate(_origins)}
+    impls = sorted(
+        getattr(pm.hook, hook_name).get_hookimpls(), key=lambda i: order.get(i.plugin_name, len(order))
+    )
+    for impl in impls:
         origin = _origins.get(impl.plugin_name, Origin(impl.plugin_name))
         try:
             impl.function(make_register(origin))

@@ -1,0 +1,298 @@
+"""The plugin core: built-ins, hooks, entry points, load errors, ``plugins list``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapterdeck.core import hookimpl
+from adapterdeck.core.errors import UnknownNameError
+from adapterdeck.core.evaluators import EvalSample, Evaluator
+from adapterdeck.core.formats import Conversation, DataFormat, Message
+from adapterdeck.core.methods import MethodParams, TuningMethod
+from adapterdeck.core.plugins import (
+    EvaluatorRegister,
+    FormatRegister,
+    MethodRegister,
+    catalog,
+    register_plugin,
+    unregister_plugin,
+)
+
+from .conftest import ROOT, run_cli
+
+
+class CsvishFormat(DataFormat):
+    name = "csvish"
+    description = "question,answer in a 'row' field"
+
+    def detect(self, record: Mapping[str, Any]) -> bool:
+        return "row" in record
+
+    def problems(self, record: Mapping[str, Any]) -> list[str]:
+        return [] if str(record.get("row", "")).count(",") == 1 else ["'row' needs exactly one comma"]
+
+    def to_conversation(self, record: Mapping[str, Any]) -> Conversation:
+        q, a = record["row"].split(",")
+        return Conversation((Message("user", q), Message("assistant", a)))
+
+
+class NoopParams(MethodParams):
+    rank: int = 4
+
+
+class NoopMethod(TuningMethod):
+    name = "noop"
+    served_by = ("peft",)
+    params = NoopParams
+
+    def apply(self, model: Any, params: MethodParams) -> Any:
+        return model
+
+
+class LengthEvaluator(Evaluator):
+    name = "answer_length"
+    higher_is_better = False
+
+    def score(self, sample: EvalSample) -> float:
+        return float(len(sample.prediction or ""))
+
+
+def test_builtins_are_listed(fresh_plugins: None) -> None:
+    cat = catalog()
+    assert {"chat", "alpaca"} <= set(cat.formats)
+    assert cat.formats["chat"].origin.label == "built-in"
+    with pytest.raises(UnknownNameError, match="unknown format 'nope'"):
+        cat.format("nope")
+
+
+def test_hook_register_formats(fresh_plugins: None, tmp_path: Path) -> None:
+    class Plugin:
+        @hookimpl
+        def register_formats(self, register: FormatRegister) -> None:
+            register.add_format(CsvishFormat())
+
+    register_plugin(Plugin(), name="csvish-plugin")
+    try:
+        cat = catalog()
+        assert cat.formats["csvish"].origin.label == "registered in code"
+        # The registered format takes part in detection and validation like a built-in.
+        from adapterdeck.core.dataset import validate_file
+
+        path = tmp_path / "rows.jsonl"
+        path.write_text('{"row": "hi,hello"}\n{"row": "no comma"}\n')
+        report = validate_file(path)
+        assert report.format == "csvish"
+        assert [(e.line, e.reasons) for e in report.errors] == [(2, ("'row' needs exactly one comma",))]
+        assert report.examples[0].as_dicts()[1] == {"role": "assistant", "content": "hello"}
+    finally:
+        unregister_plugin("csvish-plugin")
+    assert "csvish" not in catalog().formats
+
+
+def test_hook_register_methods(fresh_plugins: None) -> None:
+    class BadEngine(NoopMethod):
+        name = "bad-engine"
+        served_by = ("tgi",)
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register: MethodRegister) -> None:
+            register.add_method(NoopMethod())
+            register.add_method(BadEngine())
+
+    register_plugin(Plugin(), name="noop-plugin")
+    cat = catalog()
+    assert cat.method("noop").params().rank == 4
+    assert "bad-engine" not in cat.methods
+    assert any("must be served by" in p.error for p in cat.problems)
+
+
+def test_hook_register_evaluators(fresh_plugins: None) -> None:
+    class Plugin:
+        @hookimpl
+        def register_evaluators(self, register: EvaluatorRegister) -> None:
+            register.add_evaluator(LengthEvaluator())
+
+    register_plugin(Plugin(), name="length-plugin")
+    evaluator = catalog().evaluator("answer_length")
+    scores = [evaluator.score(EvalSample([], "ref", prediction=p)) for p in ("ab", "abcd")]
+    assert evaluator.aggregate(scores) == 3.0
+    assert evaluator.higher_is_better is False
+
+
+def test_duplicates_wrong_types_misspelled_and_raising_hooks_are_reported(fresh_plugins: None) -> None:
+    class Duplicate(CsvishFormat):
+        name = "chat"
+
+    class Plugin:
+        @hookimpl
+        def register_formats(self, register: FormatRegister) -> None:
+            register.add_format(Duplicate())  # taken by the built-in
+            register.add_format(object())  # type: ignore[arg-type]
+            register.add_format(CsvishFormat())  # still registered
+
+    class LateDuplicate:
+        @hookimpl(trylast=True)  # asks to run first among the results; must not take a built-in's name
+        def register_formats(self, register: FormatRegister) -> None:
+            register.add_format(Duplicate())
+
+    class Misspelled:
+        @hookimpl
+        def register_format(self, register: FormatRegister) -> None:
+            raise AssertionError("never called")
+
+    class Raising:
+        @hookimpl
+        def register_evaluators(self, register: EvaluatorRegister) -> None:
+            raise RuntimeError("boom")
+
+    register_plugin(Plugin(), name="dup")
+    register_plugin(Misspelled(), name="typo")
+    register_plugin(LateDuplicate(), name="late")
+    register_plugin(Raising(), name="raiser")
+    cat = catalog()
+    errors = {(p.plugin, p.error) for p in cat.problems}
+    assert ("dup", "format 'chat' is already registered by adapterdeck.plugins.chat (built-in)") in errors
+    assert any(p == "dup" and "is not a DataFormat" in e for p, e in errors)
+    assert any(
+        p == "typo" and "unknown hook 'register_format'" in e and "register_formats" in e for p, e in errors
+    )
+    assert ("raiser", "register_evaluators raised RuntimeError: boom") in errors
+    assert ("late", "format 'chat' is already registered by adapterdeck.plugins.chat (built-in)") in errors
+    assert isinstance(cat.format("chat"), DataFormat) and cat.formats["chat"].origin.label == "built-in"
+    assert "csvish" in cat.formats
+
+
+def pip_target(target: Path, project: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(project),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example plugin package, installed with pip into a directory of its own."""
+    target = tmp_path_factory.mktemp("site-example")
+    pip_target(target, ROOT / "examples" / "adapterdeck-sharegpt")
+    return target
+
+
+@pytest.fixture(scope="module")
+def broken_installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A plugin package whose module raises on import, installed with pip."""
+    project = tmp_path_factory.mktemp("broken-src")
+    (project / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools>=61"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "adapterdeck-broken"
+            version = "9.9.9"
+            [project.entry-points.adapterdeck]
+            broken = "adapterdeck_broken"
+            empty = "adapterdeck_empty"
+            [tool.setuptools]
+            py-modules = ["adapterdeck_broken", "adapterdeck_empty"]
+            """
+        )
+    )
+    (project / "adapterdeck_broken.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+    (project / "adapterdeck_empty.py").write_text("def register_formats(register):\n    pass  # no @hookimpl\n")
+    target = tmp_path_factory.mktemp("site-broken")
+    pip_target(target, project)
+    return target
+
+
+def plugins_json(*paths: Path, load: str | None = None) -> dict[str, Any]:
+    env = {"PYTHONPATH": ":".join(str(p) for p in paths)}
+    if load is not None:
+        env["ADAPTERDECK_LOAD_PLUGINS"] = load
+    result = run_cli("plugins", "list", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def names(listing: dict[str, Any]) -> dict[tuple[str, str], str]:
+    return {(p["kind"], p["name"]): p["source"] for p in listing["plugins"]}
+
+
+def test_example_package_is_listed_from_its_distribution(example_installed: Path) -> None:
+    listing = plugins_json(example_installed)
+    found = names(listing)
+    assert found[("format", "chat")] == "built-in"
+    assert found[("format", "alpaca")] == "built-in"
+    assert found[("format", "sharegpt")] == "adapterdeck-sharegpt 0.1.0"
+    assert found[("evaluator", "json_valid")] == "adapterdeck-sharegpt 0.1.0"
+    assert listing["errors"] == []
+
+
+def test_example_format_validates_through_the_cli(example_installed: Path, tmp_path: Path) -> None:
+    path = tmp_path / "sg.jsonl"
+    path.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+        + "\n"
+        + json.dumps({"conversations": [{"from": "robot", "value": "hi"}]})
+        + "\n"
+    )
+    result = run_cli("data", "validate", str(path), "--json", env={"PYTHONPATH": str(example_installed)})
+    report = json.loads(result.stdout)
+    assert result.returncode == 1
+    assert report["format"] == "sharegpt"
+    assert [e["line"] for e in report["errors"]] == [2]
+
+
+def test_load_plugins_env_narrows_third_party(example_installed: Path) -> None:
+    assert ("format", "sharegpt") not in names(plugins_json(example_installed, load=""))
+    assert ("format", "chat") in names(plugins_json(example_installed, load=""))
+    assert ("format", "sharegpt") in names(plugins_json(example_installed, load="adapterdeck-sharegpt"))
+    assert ("format", "sharegpt") in names(plugins_json(example_installed, load="sharegpt"))
+    assert ("format", "sharegpt") in names(plugins_json(example_installed, load=" other , sharegpt "))
+    missing = plugins_json(example_installed, load="not-installed")
+    assert ("format", "sharegpt") not in names(missing)
+    assert any("no installed plugin has that name" in e["error"] for e in missing["errors"])
+
+
+def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_load(
+    example_installed: Path, broken_installed: Path, tmp_path: Path
+) -> None:
+    listing = plugins_json(example_installed, broken_installed)
+    found = names(listing)
+    assert {("format", "chat"), ("format", "alpaca"), ("format", "sharegpt")} <= set(found)
+    errors = {e["plugin"]: e for e in listing["errors"]}
+    assert set(errors) == {"adapterdeck-broken:broken", "adapterdeck-broken:empty"}
+    error = errors["adapterdeck-broken:broken"]
+    assert error["distribution"] == "adapterdeck-broken" and error["version"] == "9.9.9"
+    assert "ImportError: this plugin is broken on purpose" in error["error"]
+    assert "implements no adapterdeck hook" in errors["adapterdeck-broken:empty"]["error"]
+
+    # The built-ins still work with the broken package installed.
+    path = tmp_path / "ok.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    result = run_cli("data", "validate", str(path), env={"PYTHONPATH": str(broken_installed)})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    text = run_cli("plugins", "list", env={"PYTHONPATH": str(broken_installed)})
+    assert text.returncode == 0
+    assert "adapterdeck-broken" in text.stderr and "broken on purpose" in text.stderr
