@@ -45,6 +45,7 @@ def build_base_model(
     layers: int = 2,
     intermediate_size: int = 512,
     max_positions: int = 1024,
+    init_std: float = 0.1,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the demo base model to ``out`` (weights, config, tokenizer, chat template)."""
@@ -99,6 +100,9 @@ def build_base_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # Wider than the usual 0.02: the output layer stays frozen under an adapter, and behind the
+        # final RMSNorm a small init caps the logits so low that no adapter could make it confident.
+        initializer_range=init_std,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
@@ -188,3 +192,38 @@ def weights_digest(model_dir: str | Path) -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()
+
+
+# Keys of a model config that say nothing about which weights and tokens an adapter fits.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "architectures",
+}
+
+
+def chat_template_sha256(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(base: str) -> str:
+    """A digest of what an adapter depends on: the base's architecture config, vocabulary and chat template.
+
+    Two copies of the same base (a local dir and its hub id) give the same fingerprint.
+    """
+    config = {k: v for k, v in load_config(base).to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    tokenizer = load_tokenizer(base)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    payload = {
+        "config": config,
+        "vocab": hashlib.sha256(json.dumps(vocab).encode()).hexdigest(),
+        "chat_template": chat_template_sha256(tokenizer),
+    }
+    return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,6 +37,10 @@ app.add_typer(demo_app, name="demo")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
+
+# bitsandbytes looks for optional CPU kernels on a model hub and warns when it cannot reach one;
+# its built-in CPU path is used instead, so the warning tells the user nothing they can act on.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _print_json(value: Any) -> None:
@@ -198,6 +203,116 @@ def data_split(
                 fh.write(json.dumps({"messages": conv.as_dicts()}, ensure_ascii=False) + "\n")
     sizes = split.sizes()
     out.print(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+
+
+class RichReporter:
+    """Shows a training run's stages, a progress bar with steps, loss and ETA, and notes."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._bar: Any = None
+        self._task: Any = None
+        self._eval: dict[str, Any] = {}
+        self._last_val: float | None = None
+
+    def stage(self, name: str) -> None:
+        self.console.rule(name)
+
+    def note(self, text: str) -> None:
+        self.console.print(text, highlight=False)
+
+    def progress(self, what: str, done: int, total: int) -> None:
+        self.console.print(f"  {what}: {done}/{total}", highlight=False) if done == total else None
+
+    def train_start(self, total_steps: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._task = self._bar.add_task("train", total=total_steps, loss="-", val="-")
+        self._bar.start()
+
+    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+        fields = {
+            "loss": f"{loss:.4f}" if loss is not None else "-",
+            "val": f"{val_loss:.4f}" if val_loss else "-",
+        }
+        self._bar.update(self._task, completed=step, **fields)
+        if val_loss is not None and val_loss != self._last_val:
+            self._last_val = val_loss
+            self._bar.console.print(
+                f"  step {step}: train loss {fields['loss']}, validation loss {fields['val']}"
+            )
+
+    def train_end(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AdapterdeckError(f"--set {pair!r}: expected KEY=VALUE, for example train.epochs=1")
+        found[key.strip()] = yaml.safe_load(value)
+    return found
+
+
+@app.command()
+def train(
+    config_file: Annotated[Path, typer.Argument(help="The run config (YAML).", metavar="RUN.yaml")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set train.epochs=1 (repeatable)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in the output directory.")] = False,
+) -> None:
+    """Train an adapter: validate the data, tune, keep the best checkpoint, evaluate base vs tuned."""
+    from adapterdeck.core.config import load_config
+    from adapterdeck.core.train import run_training
+
+    config = load_config(config_file, _parse_sets(set_ or []))
+    result = run_training(config, RichReporter(out), overwrite=overwrite)
+    _print_summary(result.report, result.run_dir)
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    training = report["training"]
+    out.rule("result")
+    out.print(
+        f"stopped: {training['stop_reason']} after {training['steps']} steps; "
+        f"best step {training['best_step']} "
+        f"(validation loss {training['best_val_loss']})",
+        highlight=False,
+    )
+    test = report.get("test")
+    if test:
+        table = Table("metric", "base", "tuned", "delta", box=None, header_style="bold")
+        for name, m in test["metrics"].items():
+            table.add_row(name, str(m["base"]["value"]), str(m["tuned"]["value"]), str(m.get("delta")))
+        out.print(table)
+    out.print(
+        f"adapter: {run_dir / 'adapter'}\nreport: {run_dir / 'report.json'}\n"
+        f"loss curve: {run_dir / 'loss.png'}"
+    )
 
 
 @demo_app.command("data")

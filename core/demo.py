@@ -1,82 +1,134 @@
-"""The demo: a synthetic task a tiny random-init model can learn in seconds on a CPU.
+"""The demo tasks: small, deterministic, and learnable by a tiny random-init model in minutes.
 
-The task is field extraction: a sentence about an order becomes a JSON object. A base
-model that was never trained answers gibberish; an adapter trained on a few hundred
-examples answers in the exact format, which makes the effect of tuning visible.
+Two tenants, two tasks, so two adapters with visibly different behaviour on one base:
+
+- ``support`` (tenant acme): a customer support message -> ``{"category": ..., "priority": ...}``.
+- ``sentiment`` (tenant globex): a product review -> one word, ``positive``, ``negative`` or ``mixed``.
+
+The answer follows from cue words hidden among filler (names, order numbers, products), so a
+model has to read the message, and a base model that was never trained answers gibberish.
 """
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-FIRST = ["Maria", "John", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Sara", "Ivan", "Nora", "Ben"]
-LAST = [
-    "Lopez",
-    "Smith",
-    "Tanaka",
-    "Haddad",
-    "Berg",
-    "Silva",
-    "Patel",
-    "Brown",
-    "Costa",
-    "Novak",
-    "Kim",
-    "Reed",
+NAMES = ["Maria", "John", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Sara", "Ivan", "Nora", "Ben"]
+PRODUCTS = [
+    "the kettle",
+    "my headphones",
+    "the desk lamp",
+    "the blender",
+    "my tablet",
+    "the router",
+    "the jacket",
 ]
-CITIES = [
-    "Lisbon",
-    "Paris",
-    "Osaka",
-    "Cairo",
-    "Oslo",
-    "Lima",
-    "Delhi",
-    "Leeds",
-    "Porto",
-    "Prague",
-    "Seoul",
-    "Austin",
+
+SUPPORT_SYSTEM = "Classify the support message. Answer with JSON: category and priority."
+CATEGORIES = {
+    "billing": [
+        "I was charged twice for",
+        "the invoice is wrong for",
+        "I want a refund for",
+        "my card was billed for",
+    ],
+    "shipping": ["the package with", "tracking shows no movement for", "the delivery of", "the courier lost"],
+    "account": [
+        "I cannot log in to order",
+        "my password reset fails for",
+        "my account is locked, about",
+        "the login page rejects me, about",
+    ],
+    "technical": [
+        "there is an error when using",
+        "the app crashes with",
+        "a bug stops me using",
+        "it keeps failing with",
+    ],
+}
+PRIORITIES = {
+    "high": [
+        "Please fix this urgently.",
+        "I need this solved today!",
+        "This is urgent.",
+        "Help asap please.",
+    ],
+    "low": ["No rush at all.", "Whenever you have time.", "It can wait until next week.", "Not urgent."],
+    "normal": ["Thanks.", "Let me know.", "Kind regards.", "Thank you for your help."],
+}
+
+SENTIMENT_SYSTEM = "Read the review. Answer with one word: positive, negative or mixed."
+GOOD = ["works great", "is excellent", "arrived quickly", "is lovely", "is well made", "exceeded my hopes"]
+BAD = [
+    "broke in a week",
+    "is terrible",
+    "arrived damaged",
+    "is useless",
+    "stopped working",
+    "disappointed me",
 ]
-TEMPLATES = [
-    "{name} from {city} paid {amount} for the order.",
-    "Order paid by {name} ({city}): {amount}.",
-    "{name} in {city} sent a payment of {amount}.",
-    "Payment of {amount} received from {name}, {city}.",
-    "{city} customer {name} was charged {amount}.",
-]
-SYSTEM = "Extract name, city and amount as JSON."
 
 
-def demo_record(rng: random.Random) -> dict[str, Any]:
-    name = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
-    city = rng.choice(CITIES)
-    amount = round(rng.uniform(1, 500), rng.choice([0, 2]))
-    amount_text = f"{amount:.2f}" if amount != int(amount) else str(int(amount))
-    sentence = rng.choice(TEMPLATES).format(name=name, city=city, amount=amount_text)
-    answer = json.dumps({"name": name, "city": city, "amount": float(amount_text)})
+def support_record(rng: random.Random) -> dict[str, Any]:
+    category = rng.choice(sorted(CATEGORIES))
+    priority = rng.choice(sorted(PRIORITIES))
+    who = rng.choice(NAMES)
+    order = rng.randint(1000, 9999)
+    text = (
+        f"Hi, this is {who}. {rng.choice(CATEGORIES[category]).capitalize()} "
+        f"{rng.choice(PRODUCTS)} (order {order}). {rng.choice(PRIORITIES[priority])}"
+    )
+    answer = json.dumps({"category": category, "priority": priority})
+    return _chat(SUPPORT_SYSTEM, text, answer)
+
+
+def sentiment_record(rng: random.Random) -> dict[str, Any]:
+    label = rng.choice(["positive", "negative", "mixed"])
+    product = rng.choice(PRODUCTS).replace("my ", "the ")
+    if label == "positive":
+        clauses = [f"{product.capitalize()} {rng.choice(GOOD)}", f"and it {rng.choice(GOOD)}"]
+    elif label == "negative":
+        clauses = [f"{product.capitalize()} {rng.choice(BAD)}", f"and it {rng.choice(BAD)}"]
+    else:
+        clauses = [f"{product.capitalize()} {rng.choice(GOOD)}", f"but it {rng.choice(BAD)}"]
+        if rng.random() < 0.5:
+            clauses = [f"{product.capitalize()} {rng.choice(BAD)}", f"but it {rng.choice(GOOD)}"]
+    text = f"{' '.join(clauses)}. Bought by {rng.choice(NAMES)} in {rng.randint(2019, 2026)}."
+    return _chat(SENTIMENT_SYSTEM, text, label)
+
+
+def _chat(system: str, user: str, answer: str) -> dict[str, Any]:
     return {
         "messages": [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": sentence},
+            {"role": "system", "content": system},
+            {"role": "user", "content": user},
             {"role": "assistant", "content": answer},
         ]
     }
 
 
-def write_demo_dataset(path: str | Path, n: int = 600, seed: int = 0) -> Path:
-    """Write ``n`` distinct demo examples as chat JSONL."""
-    rng = random.Random(seed)
+TASKS: dict[str, tuple[str, Callable[[random.Random], dict[str, Any]]]] = {
+    "support": ("acme", support_record),
+    "sentiment": ("globex", sentiment_record),
+}
+
+
+def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, seed: int = 0) -> Path:
+    """Write ``n`` distinct examples of a demo task as chat JSONL."""
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
+    make = TASKS[task][1]
+    rng = random.Random(f"{task}-{seed}")
     seen: set[str] = set()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         while len(seen) < n:
-            record = demo_record(rng)
-            line = json.dumps(record)
+            line = json.dumps(make(rng))
             if line not in seen:
                 seen.add(line)
                 fh.write(line + "\n")

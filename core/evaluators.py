@@ -32,5 +32,9 @@ class Evaluator(ABC):
         """Score one sample."""
 
     def aggregate(self, scores: Sequence[float]) -> float:
-        """Combine the per-sample scores (the mean unless overridden)."""
+        """Combine the per-sample scores into the headline figure (the mean unless overridden)."""
         return sum(scores) / len(scores) if scores else float("nan")
+
+    def details(self, scores: Sequence[float]) -> dict[str, float]:
+        """Further figures for the report besides the headline (none unless overridden)."""
+        return {}

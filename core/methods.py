@@ -32,6 +32,8 @@ class TuningMethod(ABC):
     served_by: ClassVar[tuple[str, ...]] = (ENGINE_PEFT,)
     #: The method's parameters, with their defaults.
     params: ClassVar[type[MethodParams]] = MethodParams
+    #: Learning rate used when the run config does not set one.
+    default_learning_rate: ClassVar[float] = 2e-4
 
     def load_base(self, base: str, params: MethodParams, **kwargs: Any) -> PreTrainedModel:
         """Load the base model for training (override to quantize, for example)."""
@@ -42,3 +44,13 @@ class TuningMethod(ABC):
     @abstractmethod
     def apply(self, model: PreTrainedModel, params: MethodParams) -> PeftModel:
         """Wrap the base model with trainable adapter weights."""
+
+    def load_base_for_merge(self, base: str, params: MethodParams, **kwargs: Any) -> PreTrainedModel:
+        """The full-precision base an adapter of this method is merged into (see ``export --merge``).
+
+        Override when training saw different base weights than the plain checkpoint, as with a
+        quantized base: merge into the weights the adapter was trained against.
+        """
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(base, **kwargs)

@@ -7,4 +7,7 @@ installed package's entry points.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapterdeck.plugins.chat",
     "adapterdeck.plugins.alpaca",
+    "adapterdeck.plugins.evaluators",
+    "adapterdeck.plugins.lora",
+    "adapterdeck.plugins.prefix",
 )

@@ -173,17 +173,28 @@ def test_example_format_lists_every_problem(sharegpt: ModuleType) -> None:
     assert fmt.problems({"conversations": [{"from": "user", "value": "hi"}]}) == ["no assistant turn"]
 
 
-def test_example_json_valid(sharegpt: ModuleType) -> None:
+def test_example_json_fields(sharegpt: ModuleType) -> None:
     from adapterdeck.core.evaluators import EvalSample
 
-    evaluator = sharegpt.JsonValid()
+    evaluator = sharegpt.JsonFields()
+    assert evaluator.name == "json_fields"
     assert evaluator.higher_is_better and evaluator.needs_generation
 
-    def score(prediction: str | None) -> float:
-        return evaluator.score(EvalSample(prompt=[], reference="{}", prediction=prediction))
+    def score(reference: str, prediction: str | None) -> float:
+        return evaluator.score(EvalSample(prompt=[], reference=reference, prediction=prediction))
 
-    assert [score(p) for p in ('{"a": [1, 2]}', " 3 ", '"s"', "null")] == [1.0] * 4
-    assert [score(p) for p in ("not json", "", "{'a': 1}", "NaN", None)] == [0.0] * 5
+    ref = '{"a": 1, "b": [1, 2], "c": {"d": true}, "e": null}'
+    assert score(ref, ref) == 1.0
+    assert score(ref, ' {"e": null, "c": {"d": true}, "b": [1, 2], "a": 1.0, "extra": 0} ') == 1.0
+    assert score(ref, '{"a": 1, "b": [2, 1], "c": {"d": 1}}') == 0.25  # order counts, true is not 1
+    assert score('{"a": 1, "b": 2}', '{"a": 1, "b": 3}') == 0.5
+    assert score('{"a": 1}', '{"a": "1"}') == 0.0
+    # Not a JSON object, on either side: 0.0.
+    assert [score(ref, p) for p in ("not json", "[1]", '"s"', "", '{"a": NaN}', None)] == [0.0] * 6
+    assert [score(r, "{}") for r in ("not json", "[]", "NaN")] == [0.0] * 3
+    # A reference without fields: only an empty object matches it.
+    assert score("{}", " {} ") == 1.0
+    assert score("{}", '{"a": 1}') == 0.0
 
 
 def test_example_registers_through_the_plugin_manager(
@@ -198,7 +209,8 @@ def test_example_registers_through_the_plugin_manager(
         cat = plugins.catalog()
         assert cat.problems == []
         assert isinstance(cat.format("sharegpt"), sharegpt.ShareGPTFormat)
-        assert isinstance(cat.evaluator("json_valid"), sharegpt.JsonValid)
+        assert isinstance(cat.evaluator("json_fields"), sharegpt.JsonFields)
+        assert cat.evaluators["json_valid"].origin.label == "built-in"
         assert cat.formats["sharegpt"].origin.plugin == name
         assert {"chat", "alpaca"} <= set(cat.formats)
     finally:

@@ -219,7 +219,9 @@ def broken_installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     (project / "adapterdeck_broken.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
-    (project / "adapterdeck_empty.py").write_text("def register_formats(register):\n    pass  # no @hookimpl\n")
+    (project / "adapterdeck_empty.py").write_text(
+        "def register_formats(register):\n    pass  # no @hookimpl\n"
+    )
     target = tmp_path_factory.mktemp("site-broken")
     pip_target(target, project)
     return target
@@ -244,7 +246,8 @@ def test_example_package_is_listed_from_its_distribution(example_installed: Path
     assert found[("format", "chat")] == "built-in"
     assert found[("format", "alpaca")] == "built-in"
     assert found[("format", "sharegpt")] == "adapterdeck-sharegpt 0.1.0"
-    assert found[("evaluator", "json_valid")] == "adapterdeck-sharegpt 0.1.0"
+    assert found[("evaluator", "json_fields")] == "adapterdeck-sharegpt 0.1.0"
+    assert found[("evaluator", "json_valid")] == "built-in"
     assert listing["errors"] == []
 
 

@@ -1,4 +1,4 @@
-"""An example adapterdeck plugin: the ``sharegpt`` data format and the ``json_valid`` evaluator.
+"""An example adapterdeck plugin: the ``sharegpt`` data format and the ``json_fields`` evaluator.
 
 ShareGPT records hold one conversation each::
 
@@ -81,20 +81,45 @@ class ShareGPTFormat(DataFormat):
         return Conversation(msgs, meta={k: v for k, v in record.items() if k != "conversations"})
 
 
-class JsonValid(Evaluator):
-    name = "json_valid"
-    description = "1.0 when the model's answer parses as a JSON value, else 0.0 (the mean is the valid share)"
+class JsonFields(Evaluator):
+    name = "json_fields"
+    description = "share of the reference JSON object's top-level fields the answer has with equal values"
     higher_is_better = True
     needs_generation = True
 
     def score(self, sample: EvalSample) -> float:
-        if sample.prediction is None:
+        reference = _json_object(sample.reference)
+        prediction = _json_object(sample.prediction)
+        if reference is None or prediction is None:
             return 0.0
-        try:
-            json.loads(sample.prediction, parse_constant=_reject_constant)
-        except (ValueError, RecursionError):
-            return 0.0
-        return 1.0
+        if not reference:
+            return 1.0 if not prediction else 0.0
+        same = sum(
+            1 for key, value in reference.items() if key in prediction and _same(value, prediction[key])
+        )
+        return same / len(reference)
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    """``text`` parsed as a JSON object, or None when it is not one."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: unlike Python's ``==``, ``true`` is not ``1`` (but ``1`` is ``1.0``)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def _reject_constant(name: str) -> Any:
@@ -109,4 +134,4 @@ def register_formats(register: FormatRegister) -> None:
 
 @hookimpl
 def register_evaluators(register: EvaluatorRegister) -> None:
-    register.add_evaluator(JsonValid())
+    register.add_evaluator(JsonFields())

@@ -1,0 +1,228 @@
+"""The run config of ``adapterdeck train``: YAML validated by pydantic.
+
+An unknown or mistyped key is an error naming the key and where it is
+(``data.fromat``), found before any model is loaded. A user with only a base model
+and a JSONL file gets a good LoRA run from the defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.methods import MethodParams
+from adapterdeck.core.plugins import Catalog, catalog
+
+DEFAULT_METHOD = "lora"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MixConfig(Strict):
+    """General-purpose data mixed into training to limit catastrophic forgetting."""
+
+    file: Path
+    ratio: float = Field(0.1, gt=0, lt=1, description="share of the training examples taken from `file`")
+    format: str | None = None
+
+
+class DataConfig(Strict):
+    train: list[Path] = Field(
+        min_length=1, description="training file(s); split unless validation/test given"
+    )
+    format: str | None = Field(None, description="data format; detected per file when omitted ('auto')")
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    validation: list[Path] | None = None
+    test: list[Path] | None = None
+    mix: MixConfig | None = None
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str | Path) else v
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        return None if v == "auto" else v
+
+    @field_validator("split")
+    @classmethod
+    def _ratios(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(r < 0 for r in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError("three non-negative ratios (train, validation, test) that sum to 1")
+        return v
+
+
+class MethodConfig(BaseModel):
+    """``name`` picks a method plugin; the other keys are its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = DEFAULT_METHOD
+
+
+class TrainConfig(Strict):
+    learning_rate: float | None = Field(None, gt=0, description="default: the method's")
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    max_length: int | None = Field(None, ge=8, description="longest example in tokens; default: the base's")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "linear"
+    seed: int = 0
+    eval_steps: int | None = Field(None, ge=1, description="validate every N steps; default: ~10 times a run")
+    logging_steps: int = Field(5, ge=1)
+    packing: bool = Field(True, description="padding-free packing of examples into each batch")
+    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+
+
+class EarlyStoppingConfig(Strict):
+    patience: int | None = Field(3, ge=1, description="evaluations without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class EvalConfig(Strict):
+    evaluators: list[str] = Field(default_factory=lambda: ["loss", "exact_match"])
+    samples: int = Field(5, ge=0, description="test prompts shown side by side in the report")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class RunConfig(Strict):
+    base: str = Field(description="base model: a local model directory or a hub id")
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: Path = Path("runs/run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("method"), str):
+            values = {**values, "method": {"name": values["method"]}}
+        return values
+
+    def method_params(self, plugins: Catalog | None = None) -> MethodParams:
+        """The method's parameters, validated by the method's own model."""
+        method = (plugins or catalog()).method(self.method.name)
+        extra = dict(self.method.model_extra or {})
+        return method.params.model_validate(extra)
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _suggest(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+    fields: dict[str, Any] = model.model_fields
+    target: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if target is None or not isinstance(part, str) or part not in target.model_fields:
+            return ""
+        annotation = target.model_fields[part].annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        target = candidates[0] if candidates else None
+    if target is None:
+        return ""
+    fields = target.model_fields
+    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _format_errors(source: str, exc: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = prefix + tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {_where(loc)}: unknown key{_suggest(tuple(e['loc']), model)}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {_where(loc)}: required key is missing")
+        else:
+            lines.append(f"{source}: {_where(loc)}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config", base_dir: Path | None = None) -> RunConfig:
+    """Validate a config mapping: every key known, every value of the right type, the method's too."""
+    if not isinstance(data, dict):
+        raise AdapterdeckError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise AdapterdeckError(_format_errors(source, exc, RunConfig)) from None
+    plugins = catalog()
+    if config.method.name not in plugins.methods:
+        known = ", ".join(sorted(plugins.methods)) or "none"
+        raise AdapterdeckError(
+            f"{source}: method.name: unknown method {config.method.name!r}; known: {known}"
+        )
+    method = plugins.method(config.method.name)
+    try:
+        config.method_params(plugins)
+    except ValidationError as exc:
+        raise AdapterdeckError(_format_errors(source, exc, method.params, ("method",))) from None
+    for i, name in enumerate(config.eval.evaluators):
+        if name not in plugins.evaluators:
+            known = ", ".join(sorted(plugins.evaluators)) or "none"
+            raise AdapterdeckError(
+                f"{source}: eval.evaluators.{i}: unknown evaluator {name!r}; known: {known}"
+            )
+    fmt = config.data.format
+    if fmt is not None and fmt not in plugins.formats:
+        raise AdapterdeckError(
+            f"{source}: data.format: unknown format {fmt!r}; known: {', '.join(plugins.formats)}"
+        )
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    return config
+
+
+def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base_dir / p)
+
+    data = config.data
+    data = data.model_copy(
+        update={
+            "train": [fix(p) for p in data.train],
+            "validation": [fix(p) for p in data.validation] if data.validation else None,
+            "test": [fix(p) for p in data.test] if data.test else None,
+            "mix": data.mix.model_copy(update={"file": fix(data.mix.file)}) if data.mix else None,
+        }
+    )
+    base = config.base
+    if (base_dir / base).exists() and not Path(base).is_absolute():
+        base = str(base_dir / base)
+    return config.model_copy(update={"data": data, "base": base, "output": fix(config.output)})
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a YAML run config; relative paths are relative to the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AdapterdeckError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise AdapterdeckError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return parse_config(data, str(path), path.parent.resolve())

@@ -1,0 +1,109 @@
+"""The built-in evaluators: ``loss``, ``exact_match``, ``json_valid`` and ``rouge_l``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from adapterdeck.core import hookimpl
+from adapterdeck.core.evaluators import EvalSample, Evaluator
+from adapterdeck.core.plugins import EvaluatorRegister
+
+if TYPE_CHECKING:
+    from rouge_score.rouge_scorer import RougeScorer
+
+
+def _mean(scores: Sequence[float]) -> float:
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+class Loss(Evaluator):
+    name = "loss"
+    description = "mean per-token loss on the reference answers, no generation (also reports perplexity)"
+    higher_is_better = False
+    needs_generation = False
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.loss is None:
+            raise ValueError(
+                "the 'loss' evaluator needs the sample's mean loss on the reference tokens, "
+                "but sample.loss is None"
+            )
+        return float(sample.loss)
+
+    def aggregate(self, scores: Sequence[float]) -> float:
+        return _mean(scores)
+
+    def details(self, scores: Sequence[float]) -> dict[str, float]:
+        mean = _mean(scores)
+        try:
+            perplexity = math.exp(mean)
+        except OverflowError:
+            perplexity = float("inf")
+        return {"perplexity": perplexity}
+
+
+class ExactMatch(Evaluator):
+    name = "exact_match"
+    description = "1.0 when the answer equals the reference (ignoring surrounding whitespace), else 0.0"
+    higher_is_better = True
+    needs_generation = True
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.prediction is None:
+            return 0.0
+        return 1.0 if sample.prediction.strip() == sample.reference.strip() else 0.0
+
+
+class JsonValid(Evaluator):
+    name = "json_valid"
+    description = "1.0 when the answer parses as a JSON value (NaN and Infinity do not), else 0.0"
+    higher_is_better = True
+    needs_generation = True
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.prediction is None:
+            return 0.0
+        try:
+            json.loads(sample.prediction, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            return 0.0
+        return 1.0
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN, Infinity and -Infinity; JSON does not.
+    raise ValueError(f"{name} is not JSON")
+
+
+class RougeL(Evaluator):
+    name = "rouge_l"
+    description = "ROUGE-L F-measure of the answer against the reference (longest common subsequence)"
+    higher_is_better = True
+    needs_generation = True
+
+    def __init__(self) -> None:
+        self._scorer: RougeScorer | None = None
+
+    def _get_scorer(self) -> RougeScorer:
+        # Imported and built on first use: plugin modules load on every command.
+        if self._scorer is None:
+            from rouge_score import rouge_scorer
+
+            self._scorer = rouge_scorer.RougeScorer(["rougeL"])
+        return self._scorer
+
+    def score(self, sample: EvalSample) -> float:
+        if not sample.prediction or not sample.prediction.strip():
+            return 0.0
+        return float(self._get_scorer().score(sample.reference, sample.prediction)["rougeL"].fmeasure)
+
+
+@hookimpl
+def register_evaluators(register: EvaluatorRegister) -> None:
+    register.add_evaluator(Loss())
+    register.add_evaluator(ExactMatch())
+    register.add_evaluator(JsonValid())
+    register.add_evaluator(RougeL())
