@@ -292,6 +292,8 @@ def train(
     config = load_config(config_file, _parse_sets(set_ or []))
     result = run_training(config, RichReporter(out), overwrite=overwrite)
     _print_summary(result.report, result.run_dir)
+    if result.report["status"] == "interrupted":
+        raise typer.Exit(130)
 
 
 def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
@@ -305,26 +307,114 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     )
     test = report.get("test")
     if test:
-        table = Table("metric", "base", "tuned", "delta", box=None, header_style="bold")
-        for name, m in test["metrics"].items():
-            table.add_row(name, str(m["base"]["value"]), str(m["tuned"]["value"]), str(m.get("delta")))
-        out.print(table)
+        _metrics_table(test["metrics"])
     out.print(
         f"adapter: {run_dir / 'adapter'}\nreport: {run_dir / 'report.json'}\n"
         f"loss curve: {run_dir / 'loss.png'}"
     )
 
 
+@app.command("eval")
+def eval_(
+    adapter: Annotated[Path, typer.Argument(help="An adapter directory, or a run directory.")],
+    data: Annotated[Path, typer.Option(help="A JSONL file of examples to evaluate on.")],
+    evaluators: Annotated[
+        str | None, typer.Option(help="Comma list of evaluators (default: loss,exact_match).")
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="Base model, if not the one the adapter names.")] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", help="Data format; detected when omitted.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer.")] = 128,
+    samples: Annotated[int, typer.Option(help="Examples shown side by side.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Evaluate an adapter and its base side by side on any data."""
+    from adapterdeck.core.adapters import load_adapter, read_adapter
+    from adapterdeck.core.dataset import load_examples
+    from adapterdeck.core.evaluate import compare
+    from adapterdeck.core.plugins import catalog
+
+    plugins = catalog()
+    chosen = [
+        plugins.evaluator(n.strip()) for n in (evaluators or "loss,exact_match").split(",") if n.strip()
+    ]
+    info = read_adapter(adapter)
+    report = load_examples(data, format=format)
+    with err.status("loading the model"):
+        model, tokenizer = load_adapter(info, base)
+    reporter = RichReporter(err)
+    result = compare(
+        model,
+        tokenizer,
+        report.examples,
+        chosen,
+        base_context=model.disable_adapter,
+        max_new_tokens=max_new_tokens,
+        samples=samples,
+        progress=reporter.progress,
+    )
+    payload = {
+        "adapter": str(info.path),
+        "base": base or info.base,
+        "data": {"path": str(data), "sha256": report.sha256, "examples": len(report.examples)},
+        "metrics": result.metrics,
+        "samples": result.samples,
+    }
+    if as_json:
+        _print_json(payload)
+        return
+    _metrics_table(result.metrics)
+    for row in result.samples:
+        out.print(f"[bold]line {row['line']}[/bold] reference: {row['reference']}", highlight=False)
+        out.print(f"  base:  {row.get('base')}\n  tuned: {row.get('tuned')}", markup=False, highlight=False)
+
+
+def _metrics_table(metrics: dict[str, Any]) -> None:
+    table = Table("metric", "base", "tuned", "delta", box=None, header_style="bold")
+    for name, m in metrics.items():
+        table.add_row(name, str(m["base"]["value"]), str(m["tuned"]["value"]), str(m.get("delta")))
+    out.print(table)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="An adapter directory, or a run directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge into the base: a standalone model.")] = False,
+    base: Annotated[str | None, typer.Option(help="Base model, if not the one the adapter names.")] = None,
+) -> None:
+    """Export an adapter: merged into its base (--merge), or as a plain PEFT directory."""
+    import shutil
+
+    from adapterdeck.core.adapters import merge as merge_adapter
+    from adapterdeck.core.adapters import read_adapter
+
+    info = read_adapter(adapter)
+    if merge:
+        with err.status("merging the adapter into its base"):
+            path = merge_adapter(info, out_dir, base)
+        out.print(f"merged model written to [bold]{path}[/bold]")
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise AdapterdeckError(f"{out_dir} is not empty")
+    shutil.copytree(info.path, out_dir, dirs_exist_ok=True)
+    out.print(f"adapter written to [bold]{out_dir}[/bold]")
+
+
 @demo_app.command("data")
 def demo_data(
     out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
+    task: Annotated[str, typer.Option(help="support or sentiment.")] = "support",
     n: Annotated[int, typer.Option(help="Number of examples.")] = 600,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
-    """Write the demo task (sentence -> JSON fields) as chat JSONL."""
-    from adapterdeck.core.demo import write_demo_dataset
+    """Write a demo task as chat JSONL."""
+    from adapterdeck.core.demo import TASKS, write_demo_dataset
 
-    out.print(f"wrote {write_demo_dataset(out_file, n=n, seed=seed)} ({n} examples)")
+    if task not in TASKS:
+        raise AdapterdeckError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
+    out.print(f"wrote {write_demo_dataset(out_file, task=task, n=n, seed=seed)} ({n} examples)")
 
 
 @demo_app.command("run")
@@ -332,26 +422,28 @@ def demo_run(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("out/demo"),
     seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
 ) -> None:
-    """Run the demo end to end, offline: build the base, make the data, validate and split it."""
-    from adapterdeck.core.basemodel import build_base_model, context_length, load_tokenizer, token_counter
-    from adapterdeck.core.dataset import load_examples
-    from adapterdeck.core.demo import write_demo_dataset
-    from adapterdeck.core.split import split_examples
+    """Run the demo end to end, offline: build the base, make two tenants' data, train an adapter for each."""
+    from adapterdeck.core.basemodel import build_base_model
+    from adapterdeck.core.config import parse_config
+    from adapterdeck.core.demo import TASKS, demo_config, write_demo_dataset
+    from adapterdeck.core.train import run_training
 
     base = workdir / "base"
-    out.rule("1. offline base model")
+    out.rule("offline base model")
     with err.status("building the base model") as status:
         build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
     out.print(f"base model: {base}")
-
-    out.rule("2. data")
-    data = write_demo_dataset(workdir / "data.jsonl", seed=seed)
-    report = load_examples(
-        data, token_counter=token_counter(load_tokenizer(str(base))), max_tokens=context_length(str(base))
-    )
-    _report_text(report)
-    split = split_examples(report.examples, seed=seed)
-    out.print("split: " + ", ".join(f"{k} {v}" for k, v in split.sizes().items()))
+    results = {}
+    for task, (tenant, _) in TASKS.items():
+        data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, seed=seed)
+        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed), f"demo {task}")
+        out.rule(f"{tenant}/{task}: training a LoRA adapter")
+        result = run_training(config, RichReporter(out), overwrite=True)
+        _print_summary(result.report, result.run_dir)
+        results[f"{tenant}/{task}"] = result.report["test"]["metrics"]["exact_match"]
+    out.rule("demo result")
+    for name, m in results.items():
+        out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
 
 
 def main() -> None:

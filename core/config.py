@@ -137,7 +137,9 @@ def _suggest(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     if target is None:
         return ""
     fields = target.model_fields
-    close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1)
+    key = str(loc[-1])
+    close = difflib.get_close_matches(key, list(fields), n=1)
+    close = close or [f for f in fields if key.startswith(f) or f.startswith(key)][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -133,3 +133,15 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
                 seen.add(line)
                 fh.write(line + "\n")
     return path
+
+
+def demo_config(base: Path, data: Path, output: Path, seed: int = 0) -> dict[str, Any]:
+    """The run config the demo trains each task with: a few hundred steps of LoRA on the tiny base."""
+    return {
+        "base": str(base),
+        "data": {"train": str(data)},
+        "method": {"name": "lora", "r": 8},
+        "train": {"learning_rate": 3e-3, "epochs": 6, "batch_size": 16, "seed": seed},
+        "eval": {"evaluators": ["loss", "exact_match", "json_valid"], "samples": 5},
+        "output": str(output),
+    }

