@@ -434,9 +434,10 @@ def demo_run(
         build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
     out.print(f"base model: {base}")
     results = {}
-    for task, (tenant, _) in TASKS.items():
+    for task, spec in TASKS.items():
+        tenant = spec.tenant
         data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, seed=seed)
-        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed), f"demo {task}")
+        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed, task), f"demo {task}")
         out.rule(f"{tenant}/{task}: training a LoRA adapter")
         result = run_training(config, RichReporter(out), overwrite=True)
         _print_summary(result.report, result.run_dir)

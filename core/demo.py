@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,16 @@ def _chat(system: str, user: str, answer: str) -> dict[str, Any]:
     }
 
 
-TASKS: dict[str, tuple[str, Callable[[random.Random], dict[str, Any]]]] = {
-    "support": ("acme", support_record),
-    "sentiment": ("globex", sentiment_record),
+@dataclass(frozen=True)
+class DemoTask:
+    tenant: str
+    make: Callable[[random.Random], dict[str, Any]]
+    evaluators: tuple[str, ...]
+
+
+TASKS: dict[str, DemoTask] = {
+    "support": DemoTask("acme", support_record, ("loss", "exact_match", "json_valid")),
+    "sentiment": DemoTask("globex", sentiment_record, ("loss", "exact_match")),
 }
 
 
@@ -121,7 +129,7 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
     """Write ``n`` distinct examples of a demo task as chat JSONL."""
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
-    make = TASKS[task][1]
+    make = TASKS[task].make
     rng = random.Random(f"{task}-{seed}")
     seen: set[str] = set()
     path = Path(path)
@@ -135,13 +143,13 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
     return path
 
 
-def demo_config(base: Path, data: Path, output: Path, seed: int = 0) -> dict[str, Any]:
-    """The run config the demo trains each task with: a few hundred steps of LoRA on the tiny base."""
+def demo_config(base: Path, data: Path, output: Path, seed: int = 0, task: str = "support") -> dict[str, Any]:
+    """The run config the demo trains a task with: a few hundred steps of LoRA on the tiny base."""
     return {
         "base": str(base),
         "data": {"train": str(data)},
         "method": {"name": "lora", "r": 8},
         "train": {"learning_rate": 3e-3, "epochs": 6, "batch_size": 16, "seed": seed},
-        "eval": {"evaluators": ["loss", "exact_match", "json_valid"], "samples": 5},
+        "eval": {"evaluators": list(TASKS[task].evaluators), "samples": 5},
         "output": str(output),
     }

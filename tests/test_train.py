@@ -259,3 +259,24 @@ def test_eval_command_on_any_data(base_model: Path, support_data: Path, tmp_path
     assert set(metrics) == {"loss", "exact_match", "rouge_l"}
     assert metrics["rouge_l"]["tuned"]["value"] > metrics["rouge_l"]["base"]["value"]
     assert metrics["loss"]["tuned"]["value"] < metrics["loss"]["base"]["value"]
+
+
+def test_explicit_splits_and_mixed_in_general_data(base_model: Path, tmp_path: Path) -> None:
+    train = write_demo_dataset(tmp_path / "train.jsonl", task="support", n=80, seed=1)
+    val = write_demo_dataset(tmp_path / "val.jsonl", task="support", n=10, seed=2)
+    test = write_demo_dataset(tmp_path / "test.jsonl", task="support", n=12, seed=3)
+    general = write_demo_dataset(tmp_path / "general.jsonl", task="sentiment", n=100, seed=4)
+    config = config_for(base_model, train, tmp_path / "run", **{"train.max_steps": 2, "train.eval_steps": 1})
+    config["data"].update(
+        validation=str(val), test=str(test), mix={"file": str(general), "ratio": 0.2}, format="chat"
+    )
+    report = run_training(parse_config(config)).report
+    # 80 task examples make 80% of the training data; 20 general ones the other 20%.
+    assert report["data"]["sizes"] == {"train": 100, "validation": 10, "test": 12}
+    assert report["data"]["mix"]["examples"] == 20 and report["data"]["mix"]["ratio"] == 0.2
+    assert [Path(f["path"]).name for f in report["data"]["files"]] == [
+        "train.jsonl",
+        "val.jsonl",
+        "test.jsonl",
+    ]
+    assert report["test"]["examples"] == 12
