@@ -294,6 +294,12 @@ def train(
     _print_summary(result.report, result.run_dir)
     if result.report["status"] == "interrupted":
         raise typer.Exit(130)
+    if config.publish:
+        from adapterdeck.core.plugins import publish_run
+
+        adapter, _, alias = config.publish.partition(":")
+        ref = publish_run(result.run_dir, adapter, alias or None)
+        out.print(f"published [bold]{ref}[/bold]" + (f" ({config.publish})" if alias else ""))
 
 
 def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
@@ -445,6 +451,16 @@ def demo_run(
     out.rule("demo result")
     for name, m in results.items():
         out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
+
+
+def _add_plugin_commands() -> None:
+    from adapterdeck.core.plugins import add_plugin_commands
+
+    for problem in add_plugin_commands(app):
+        err.print(f"[yellow]plugin {problem.plugin}:[/yellow] {problem.error}", highlight=False)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:

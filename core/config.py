@@ -105,6 +105,11 @@ class RunConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: Path = Path("runs/run")
+    publish: str | None = Field(
+        None,
+        pattern=r"^[^/\s:@]+/[^/\s:@]+(:[a-z][a-z0-9_-]*)?$",
+        description="publish the adapter on success as tenant/name (tenant/name:alias also moves alias)",
+    )
 
     @model_validator(mode="before")
     @classmethod

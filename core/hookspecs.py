@@ -5,16 +5,19 @@ thing the plugin adds; adapterdeck owns names, duplicates and errors. A hook may
 be implemented by any module or object registered with the plugin manager:
 the built-ins in ``adapterdeck.plugins`` and third-party packages exposing an
 ``adapterdeck`` entry point. All implementations are called (none "wins");
-their return values are ignored.
+their return values are ignored, except for ``publish_run``, where the first result wins.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    import typer
+
     from adapterdeck.core.plugins import EvaluatorRegister, FormatRegister, MethodRegister
 
 hookspec = pluggy.HookspecMarker("adapterdeck")
@@ -34,3 +37,17 @@ def register_methods(register: MethodRegister) -> None:
 @hookspec
 def register_evaluators(register: EvaluatorRegister) -> None:
     """Add evaluators: call ``register.add_evaluator(evaluator)`` with an ``Evaluator`` for each."""
+
+
+@hookspec
+def register_commands(cli: typer.Typer) -> None:
+    """Add commands or command groups to the ``adapterdeck`` command line (``cli.add_typer(...)``)."""
+
+
+@hookspec(firstresult=True)
+def publish_run(run_dir: Path, ref: str, alias: str | None) -> str | None:
+    """Publish a finished run's adapter as ``ref`` (``tenant/name``); return the version ref it became.
+
+    Called when a run config says ``publish: tenant/name``. The first implementation that returns
+    a value wins; return None to leave it to another.
+    """

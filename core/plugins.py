@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from adapterdeck.core import hookspecs
-from adapterdeck.core.errors import UnknownNameError
+from adapterdeck.core.errors import AdapterdeckError, UnknownNameError
 from adapterdeck.core.evaluators import Evaluator
 from adapterdeck.core.formats import DataFormat
 from adapterdeck.core.methods import ENGINES, TuningMethod
@@ -30,6 +30,7 @@ from adapterdeck.core.methods import ENGINES, TuningMethod
 ENTRY_POINT_GROUP = "adapterdeck"
 LOAD_ENV = "ADAPTERDECK_LOAD_PLUGINS"
 BUILTIN_PACKAGE = "adapterdeck.plugins"
+OWN_DISTRIBUTION = "adapterdeck"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
@@ -249,14 +250,18 @@ def _load_entry_points(pm: pluggy.PluginManager, wanted_env: str | None) -> None
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
         dist_name = dist.metadata["Name"] if dist is not None else None
+        # adapterdeck's own entry points (registry, serving) are part of it: always loaded.
+        own = dist_name is not None and _normalize(dist_name) == OWN_DISTRIBUTION
         keys = {_normalize(ep.name)} | ({_normalize(dist_name)} if dist_name else set())
-        if wanted is not None and not keys & wanted:
+        if wanted is not None and not own and not keys & wanted:
             continue
-        seen |= keys
+        if not own:
+            seen |= keys
         origin = Origin(
             f"{dist_name}:{ep.name}" if dist_name else ep.name,
-            distribution=dist_name,
-            version=dist.version if dist is not None else None,
+            distribution=None if own else dist_name,
+            version=None if own else (dist.version if dist is not None else None),
+            builtin=own,
         )
         try:
             obj = ep.load()
@@ -276,6 +281,13 @@ def _describe(exc: BaseException) -> str:
     return f"failed to import: {type(exc).__name__}: {exc}{where}"
 
 
+def _impls_in_order(pm: pluggy.PluginManager, hook_name: str) -> list[Any]:
+    """A hook's implementations in registration order, built-ins first."""
+    order = {name: i for i, name in enumerate(_origins)}
+    impls = getattr(pm.hook, hook_name).get_hookimpls()
+    return sorted(impls, key=lambda i: order.get(i.plugin_name, len(order)))
+
+
 def _call_each(
     pm: pluggy.PluginManager,
     hook_name: str,
@@ -285,11 +297,7 @@ def _call_each(
     # One implementation at a time, in registration order (built-ins first, so they keep
     # their names, whatever tryfirst/trylast a plugin asks for), and a plugin whose hook
     # raises is reported without stopping the rest.
-    order = {name: i for i, name in enumerate(_origins)}
-    impls = sorted(
-        getattr(pm.hook, hook_name).get_hookimpls(), key=lambda i: order.get(i.plugin_name, len(order))
-    )
-    for impl in impls:
+    for impl in _impls_in_order(pm, hook_name):
         origin = _origins.get(impl.plugin_name, Origin(impl.plugin_name))
         try:
             impl.function(make_register(origin))
@@ -300,7 +308,7 @@ def _call_each(
 
 
 def _unknown_hooks(pm: pluggy.PluginManager) -> Iterable[PluginProblem]:
-    spec_names = {name for name, _, _ in _HOOKS}
+    spec_names = {name for name, _, _ in _HOOKS} | {"register_commands", "publish_run"}
     for name, caller in vars(pm.hook).items():
         if name in spec_names or not isinstance(caller, pluggy.HookCaller) or caller.has_spec():
             continue
@@ -320,3 +328,25 @@ def catalog() -> Catalog:
         _call_each(pm, hook_name, lambda o, c=register_cls, t=table: c(cat, t, o), cat)
     cat.problems.extend(_unknown_hooks(pm))
     return cat
+
+
+def add_plugin_commands(cli: Any) -> list[PluginProblem]:
+    """Let every plugin add its commands to the CLI; a plugin whose hook raises is skipped."""
+    problems: list[PluginProblem] = []
+    for impl in _impls_in_order(plugin_manager(), "register_commands"):
+        origin = _origins.get(impl.plugin_name, Origin(impl.plugin_name))
+        try:
+            impl.function(cli)
+        except Exception as exc:
+            problems.append(PluginProblem(origin.plugin, origin, f"register_commands raised {exc!r}"))
+    return problems
+
+
+def publish_run(run_dir: Any, ref: str, alias: str | None = None) -> str:
+    """Publish a run through the plugin that implements ``publish_run`` (the registry)."""
+    result = plugin_manager().hook.publish_run(run_dir=run_dir, ref=ref, alias=alias)
+    if result is None:
+        raise AdapterdeckError(
+            f"cannot publish {ref}: no installed plugin publishes runs (is the registry missing?)"
+        )
+    return result

@@ -1,0 +1,26 @@
+"""The registry as an adapterdeck plugin: its CLI commands, and publishing runs (``publish:``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapterdeck.core import hookimpl
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    from adapterdeck.registry.cli import app
+
+    cli.add_typer(app, name="registry")
+
+
+@hookimpl
+def publish_run(run_dir: Path, ref: str, alias: str | None) -> str | None:
+    from adapterdeck.registry import Registry
+
+    registry = Registry()
+    try:
+        return registry.publish(run_dir, ref, alias=alias).ref
+    finally:
+        registry.close()

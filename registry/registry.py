@@ -1,0 +1,495 @@
+"""The adapter registry: tenants, immutable versions, movable aliases, validated atomic publish.
+
+A publish uploads the blobs first (content-addressed, so a retry or a twin costs nothing), then
+makes the version visible in one database transaction. A process killed before that commit
+leaves only unreferenced blobs, which ``gc`` removes; it never leaves a visible half version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, func, select, update
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry import schema as t
+from adapterdeck.registry.db import make_engine, migrate, write_transaction
+from adapterdeck.registry.refs import DEFAULT_ALIAS, Ref, check_alias, parse_adapter, parse_ref
+from adapterdeck.registry.settings import RegistrySettings
+from adapterdeck.registry.store import BlobStore, sha256_file
+from adapterdeck.registry.validate import BaseRecord, Candidate, base_record_for, validate
+
+
+class NotFound(AdapterdeckError):
+    """No such tenant, adapter, version or alias."""
+
+
+class Conflict(AdapterdeckError):
+    """The operation would break something that depends on the target."""
+
+
+@dataclass
+class VersionInfo:
+    ref: str
+    tenant: str
+    name: str
+    version: int
+    base: str
+    base_fingerprint: str
+    peft_type: str
+    method: str
+    params: dict[str, Any]
+    served_by: list[str]
+    rank: int | None
+    dataset_sha256: str | None
+    data_format: str | None
+    metrics: dict[str, Any] | None
+    chat_template_sha256: str | None
+    size_bytes: int
+    source: str
+    created_at: str
+    library_versions: dict[str, Any] | None
+    manifest_sha256: str
+    aliases: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    conn.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
+
+
+_VERSION_COLUMNS = (
+    t.versions.c.id,
+    t.versions.c.version,
+    t.versions.c.manifest_sha256,
+    t.versions.c.peft_type,
+    t.versions.c.method,
+    t.versions.c.params,
+    t.versions.c.served_by,
+    t.versions.c.rank,
+    t.versions.c.dataset_sha256,
+    t.versions.c.data_format,
+    t.versions.c.metrics,
+    t.versions.c.chat_template_sha256,
+    t.versions.c.size_bytes,
+    t.versions.c.source,
+    t.versions.c.created_at,
+    t.versions.c.library_versions,
+    t.tenants.c.name.label("tenant"),
+    t.adapters.c.name.label("adapter"),
+    t.bases.c.name.label("base"),
+    t.bases.c.fingerprint.label("base_fingerprint"),
+)
+_VERSION_FROM = (
+    t.versions.join(t.adapters, t.adapters.c.id == t.versions.c.adapter_id)
+    .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
+    .join(t.bases, t.bases.c.id == t.versions.c.base_id)
+)
+
+
+def _info(row: Row) -> VersionInfo:
+    created = row.created_at
+    return VersionInfo(
+        ref=f"{row.tenant}/{row.adapter}@{row.version}",
+        tenant=row.tenant,
+        name=row.adapter,
+        version=row.version,
+        base=row.base,
+        base_fingerprint=row.base_fingerprint,
+        peft_type=row.peft_type,
+        method=row.method,
+        params=row.params,
+        served_by=row.served_by,
+        rank=row.rank,
+        dataset_sha256=row.dataset_sha256,
+        data_format=row.data_format,
+        metrics=row.metrics,
+        chat_template_sha256=row.chat_template_sha256,
+        size_bytes=row.size_bytes,
+        source=row.source,
+        created_at=created.isoformat() if hasattr(created, "isoformat") else str(created),
+        library_versions=row.library_versions,
+        manifest_sha256=row.manifest_sha256,
+    )
+
+
+class Registry:
+    """Open with ``Registry()`` (settings from ``ADAPTERDECK_*``) or ``Registry(RegistrySettings(...))``."""
+
+    def __init__(self, settings: RegistrySettings | None = None) -> None:
+        self.settings = settings or RegistrySettings()
+        self.engine = make_engine(self.settings.resolved_database_url())
+        migrate(self.engine)
+        self.store = BlobStore(self.settings.resolved_storage_url(), self.settings.storage_options)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- bases -------------------------------------------------------------------------------
+
+    def bases(self) -> list[BaseRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(t.bases).order_by(t.bases.c.id)).all()
+        return [BaseRecord(r.id, r.name, r.fingerprint, r.config, r.chat_template_sha256) for r in rows]
+
+    def find_base(self, fingerprint: str) -> BaseRecord | None:
+        return next((b for b in self.bases() if b.fingerprint == fingerprint), None)
+
+    def add_base(self, name: str) -> BaseRecord:
+        """Record a base model (local dir or hub id) that adapters may be published for."""
+        record = base_record_for(name)
+        with write_transaction(self.engine) as conn:
+            self._ensure_base(conn, record)
+        found = self.find_base(record.fingerprint)
+        assert found is not None
+        return found
+
+    def _ensure_base(self, conn: Connection, base: BaseRecord) -> int:
+        if base.id is not None:
+            return base.id
+        _insert_ignore(
+            conn,
+            t.bases,
+            {
+                "name": base.name,
+                "fingerprint": base.fingerprint,
+                "config": json.loads(json.dumps(base.config, default=str)),
+                "chat_template_sha256": base.chat_template_sha256,
+                "created_at": _now(),
+            },
+            ["fingerprint"],
+        )
+        return conn.execute(
+            select(t.bases.c.id).where(t.bases.c.fingerprint == base.fingerprint)
+        ).scalar_one()
+
+    # -- publish -----------------------------------------------------------------------------
+
+    def validate(self, path: str | Path, base: str | None = None) -> Candidate:
+        """Run every publish check without storing anything."""
+        return validate(
+            path,
+            find_base=self.find_base,
+            known_bases=self.bases,
+            max_rank=self.settings.max_lora_rank,
+            max_bytes=self.settings.max_adapter_bytes,
+            base=base,
+        )
+
+    def publish(
+        self,
+        path: str | Path,
+        adapter: str,
+        *,
+        alias: str | None = None,
+        base: str | None = None,
+        source: str = "published",
+    ) -> VersionInfo:
+        """Validate, store and make visible a new version of ``tenant/name``; returns it."""
+        ref = parse_adapter(adapter)
+        if alias is not None:
+            check_alias(alias)
+        candidate = self.validate(path, base)
+        entries = []
+        for name, local, size in candidate.files:
+            sha = sha256_file(local)
+            self.store.put_file(local, sha)
+            entries.append({"path": name, "sha256": sha, "size": size})
+        manifest = {
+            "adapter": ref.adapter,
+            "files": entries,
+            "peft_type": candidate.peft_type,
+            "base_fingerprint": candidate.base.fingerprint,
+        }
+        manifest_sha = self.store.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+        with write_transaction(self.engine) as conn:
+            base_id = self._ensure_base(conn, candidate.base)
+            _insert_ignore(conn, t.tenants, {"name": ref.tenant, "created_at": _now()}, ["name"])
+            tenant_id = conn.execute(
+                select(t.tenants.c.id).where(t.tenants.c.name == ref.tenant)
+            ).scalar_one()
+            _insert_ignore(
+                conn,
+                t.adapters,
+                {"tenant_id": tenant_id, "name": ref.name, "last_version": 0, "created_at": _now()},
+                ["tenant_id", "name"],
+            )
+            adapter_id, number = conn.execute(
+                update(t.adapters)
+                .where(and_(t.adapters.c.tenant_id == tenant_id, t.adapters.c.name == ref.name))
+                .values(last_version=t.adapters.c.last_version + 1)
+                .returning(t.adapters.c.id, t.adapters.c.last_version)
+            ).one()
+            version_id = conn.execute(
+                t.versions.insert()
+                .values(
+                    adapter_id=adapter_id,
+                    version=number,
+                    manifest_sha256=manifest_sha,
+                    base_id=base_id,
+                    peft_type=candidate.peft_type,
+                    method=candidate.method,
+                    params=candidate.params,
+                    served_by=candidate.served_by,
+                    rank=candidate.rank,
+                    dataset_sha256=candidate.dataset_sha256,
+                    data_format=candidate.data_format,
+                    metrics=candidate.metrics,
+                    chat_template_sha256=candidate.base.chat_template_sha256,
+                    size_bytes=candidate.size_bytes,
+                    library_versions=candidate.library_versions,
+                    source=source,
+                    created_at=_now(),
+                )
+                .returning(t.versions.c.id)
+            ).scalar_one()
+            conn.execute(t.version_files.insert(), [{"version_id": version_id, **e} for e in entries])
+            if alias is not None:
+                self._move_alias(conn, adapter_id, alias, version_id, number)
+        return self.show(f"{ref.adapter}@{number}")
+
+    def import_adapter(
+        self, path: str | Path, adapter: str, *, base: str | None = None, alias: str | None = None
+    ) -> VersionInfo:
+        """Publish an adapter made elsewhere with plain PEFT."""
+        return self.publish(path, adapter, alias=alias, base=base, source="imported")
+
+    # -- resolve and read --------------------------------------------------------------------
+
+    def resolve(self, ref: str | Ref) -> VersionInfo:
+        """The version a reference means now: ``t/n@N``, ``t/n:alias``, or ``t/n`` (prod, else newest)."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        where = and_(t.tenants.c.name == ref.tenant, t.adapters.c.name == ref.name)
+        with self.engine.connect() as conn:
+            if ref.version is not None:
+                row = conn.execute(
+                    select(*_VERSION_COLUMNS)
+                    .select_from(_VERSION_FROM)
+                    .where(where, t.versions.c.version == ref.version)
+                ).first()
+            else:
+                alias = ref.alias or DEFAULT_ALIAS
+                row = conn.execute(
+                    select(*_VERSION_COLUMNS)
+                    .select_from(_VERSION_FROM.join(t.aliases, t.aliases.c.version_id == t.versions.c.id))
+                    .where(where, t.aliases.c.alias == alias)
+                ).first()
+                if row is None and ref.alias is None:
+                    row = conn.execute(
+                        select(*_VERSION_COLUMNS)
+                        .select_from(_VERSION_FROM)
+                        .where(where)
+                        .order_by(t.versions.c.version.desc())
+                        .limit(1)
+                    ).first()
+        if row is None:
+            raise NotFound(f"no adapter version {ref}")
+        return _info(row)
+
+    def show(self, ref: str | Ref) -> VersionInfo:
+        """Like ``resolve``, with the version's files and the aliases pointing at it."""
+        info = self.resolve(ref)
+        with self.engine.connect() as conn:
+            version_id = self._version_id(conn, info)
+            files = conn.execute(
+                select(t.version_files.c.path, t.version_files.c.sha256, t.version_files.c.size)
+                .where(t.version_files.c.version_id == version_id)
+                .order_by(t.version_files.c.path)
+            ).all()
+            aliases = conn.execute(
+                select(t.aliases.c.alias)
+                .where(t.aliases.c.version_id == version_id)
+                .order_by(t.aliases.c.alias)
+            ).scalars()
+            info.files = [dict(r._mapping) for r in files]
+            info.aliases = list(aliases)
+        return info
+
+    def _version_id(self, conn: Connection, info: VersionInfo) -> int:
+        return conn.execute(
+            select(t.versions.c.id)
+            .select_from(_VERSION_FROM)
+            .where(
+                t.tenants.c.name == info.tenant,
+                t.adapters.c.name == info.name,
+                t.versions.c.version == info.version,
+            )
+        ).scalar_one()
+
+    def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Every adapter (of one tenant, or all): its versions and aliases."""
+        query = (
+            select(t.tenants.c.name.label("tenant"), t.adapters.c.name.label("adapter"), t.adapters.c.id)
+            .select_from(t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id))
+            .order_by(t.tenants.c.name, t.adapters.c.name)
+        )
+        if tenant is not None:
+            query = query.where(t.tenants.c.name == tenant)
+        out = []
+        with self.engine.connect() as conn:
+            adapters = conn.execute(query).all()
+            for row in adapters:
+                versions = conn.execute(
+                    select(
+                        t.versions.c.version,
+                        t.versions.c.method,
+                        t.versions.c.served_by,
+                        t.versions.c.created_at,
+                    )
+                    .where(t.versions.c.adapter_id == row.id)
+                    .order_by(t.versions.c.version)
+                ).all()
+                aliases = conn.execute(
+                    select(t.aliases.c.alias, t.versions.c.version)
+                    .select_from(t.aliases.join(t.versions, t.versions.c.id == t.aliases.c.version_id))
+                    .where(t.aliases.c.adapter_id == row.id)
+                ).all()
+                if not versions:
+                    continue
+                out.append(
+                    {
+                        "adapter": f"{row.tenant}/{row.adapter}",
+                        "tenant": row.tenant,
+                        "name": row.adapter,
+                        "versions": [v.version for v in versions],
+                        "latest": versions[-1].version,
+                        "method": versions[-1].method,
+                        "served_by": versions[-1].served_by,
+                        "aliases": {a.alias: a.version for a in aliases},
+                    }
+                )
+        return out
+
+    def alias_history(self, adapter: str) -> list[dict[str, Any]]:
+        ref = parse_adapter(adapter)
+        with self.engine.connect() as conn:
+            adapter_id = self._adapter_id(conn, ref)
+            rows = conn.execute(
+                select(t.alias_events)
+                .where(t.alias_events.c.adapter_id == adapter_id)
+                .order_by(t.alias_events.c.id)
+            ).all()
+        return [
+            {"alias": r.alias, "from": r.old_version, "to": r.new_version, "at": r.at.isoformat()}
+            for r in rows
+        ]
+
+    def _adapter_id(self, conn: Connection, ref: Ref) -> int:
+        adapter_id = conn.execute(
+            select(t.adapters.c.id)
+            .select_from(t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id))
+            .where(t.tenants.c.name == ref.tenant, t.adapters.c.name == ref.name)
+        ).scalar()
+        if adapter_id is None:
+            raise NotFound(f"no adapter {ref.adapter}")
+        return adapter_id
+
+    # -- aliases, delete -----------------------------------------------------------------------
+
+    def set_alias(self, adapter: str, alias: str, version: int) -> VersionInfo:
+        """Point ``tenant/name:alias`` at version ``version`` (the move is recorded)."""
+        ref = parse_adapter(adapter)
+        check_alias(alias)
+        target = self.resolve(Ref(ref.tenant, ref.name, version=version))
+        with write_transaction(self.engine) as conn:
+            adapter_id = self._adapter_id(conn, ref)
+            self._move_alias(conn, adapter_id, alias, self._version_id(conn, target), version)
+        return self.show(f"{ref.adapter}:{alias}")
+
+    def _move_alias(
+        self, conn: Connection, adapter_id: int, alias: str, version_id: int, number: int
+    ) -> None:
+        key = and_(t.aliases.c.adapter_id == adapter_id, t.aliases.c.alias == alias)
+        old = conn.execute(
+            select(t.versions.c.version)
+            .select_from(t.aliases.join(t.versions, t.versions.c.id == t.aliases.c.version_id))
+            .where(key)
+        ).scalar()
+        if old is None:
+            conn.execute(
+                t.aliases.insert().values(
+                    adapter_id=adapter_id, alias=alias, version_id=version_id, updated_at=_now()
+                )
+            )
+        else:
+            conn.execute(update(t.aliases).where(key).values(version_id=version_id, updated_at=_now()))
+        conn.execute(
+            t.alias_events.insert().values(
+                adapter_id=adapter_id, alias=alias, old_version=old, new_version=number, at=_now()
+            )
+        )
+
+    def delete(self, ref: str) -> None:
+        """Delete ``tenant/name@N``; refused while an alias points at it. Its blobs go at the next gc."""
+        parsed = parse_ref(ref)
+        if parsed.version is None:
+            raise AdapterdeckError(f"{ref}: delete takes an exact version, tenant/name@N")
+        info = self.resolve(parsed)
+        with write_transaction(self.engine) as conn:
+            version_id = self._version_id(conn, info)
+            pointing = conn.execute(
+                select(t.aliases.c.alias).where(t.aliases.c.version_id == version_id)
+            ).scalars()
+            names = sorted(pointing)
+            if names:
+                listed = ", ".join(f"{info.tenant}/{info.name}:{a}" for a in names)
+                raise Conflict(f"cannot delete {info.ref}: {listed} point(s) at it; move the alias first")
+            conn.execute(t.version_files.delete().where(t.version_files.c.version_id == version_id))
+            conn.execute(t.versions.delete().where(t.versions.c.id == version_id))
+
+    # -- pull, gc ------------------------------------------------------------------------------
+
+    def pull(self, ref: str, out: str | Path) -> Path:
+        """Write the version's files to ``out`` (a plain PEFT directory), all or nothing."""
+        info = self.show(ref)
+        out = Path(out)
+        if out.exists() and any(out.iterdir()):
+            raise AdapterdeckError(f"{out} is not empty")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+        tmp.mkdir()
+        try:
+            for f in info.files:
+                self.store.get_file(f["sha256"], tmp / f["path"])
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+    def gc(self, grace_seconds: float = 3600) -> dict[str, int]:
+        """Remove blobs no version references, older than ``grace_seconds`` (a publish may be in flight)."""
+        with self.engine.connect() as conn:
+            used = set(conn.execute(select(t.version_files.c.sha256).distinct()).scalars())
+            used |= set(conn.execute(select(t.versions.c.manifest_sha256)).scalars())
+        removed = kept = 0
+        for name, age in list(self.store.blobs()):
+            if name in used or age < grace_seconds:
+                kept += 1
+                continue
+            self.store.delete(name)
+            removed += 1
+        return {"removed": removed, "kept": kept, "referenced": len(used)}
+
+    def count_versions(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(t.versions)).scalar_one()

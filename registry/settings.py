@@ -1,0 +1,32 @@
+"""Where the registry lives and its limits, from the environment (``ADAPTERDECK_*``) or arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RegistrySettings(BaseSettings):
+    """``ADAPTERDECK_HOME`` holds the SQLite file and the blobs unless URLs say otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERDECK_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".adapterdeck")
+    #: SQLAlchemy URL of the metadata database; default: a SQLite file in ``home``.
+    database_url: str | None = None
+    #: fsspec URL of the blob storage (a directory, ``s3://bucket/prefix``...); default: ``home``.
+    storage_url: str | None = None
+    #: JSON of fsspec storage options, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}``.
+    storage_options: dict = Field(default_factory=dict)
+    #: Largest LoRA rank accepted (vLLM's ``--max-lora-rank`` must be at least this).
+    max_lora_rank: int = 64
+    #: Largest adapter accepted, in bytes.
+    max_adapter_bytes: int = 2 * 1024**3
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home.expanduser() / 'registry.db'}"
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or str(self.home.expanduser())

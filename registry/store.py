@@ -1,0 +1,120 @@
+"""Content-addressed blob storage on any fsspec filesystem (a local directory, S3, ...).
+
+A blob lives at ``blobs/<first two hex digits>/<sha256>`` and is never modified: writing the
+same content twice stores it once. Local writes go to a temporary name and are renamed into
+place; object stores make a PUT visible whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from adapterdeck.core.errors import AdapterdeckError
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class BlobStore:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise AdapterdeckError(f"cannot use storage {url!r}: {exc}") from exc
+        self.root = root.rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, sha: str) -> str:
+        return f"{self.root}/blobs/{sha[:2]}/{sha}"
+
+    def has(self, sha: str) -> bool:
+        return self.fs.exists(self.path(sha))
+
+    def put_file(self, local: str | Path, sha: str) -> bool:
+        """Store a file under its digest; False when it was already there."""
+        target = self.path(sha)
+        if self.fs.exists(target):
+            return False
+        if self.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            self.fs.put_file(str(local), tmp)
+            os.replace(tmp, target)
+        else:
+            self.fs.put_file(str(local), target)
+        return True
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if self.fs.exists(target):
+            return sha
+        if self.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+            Path(tmp).write_bytes(data)
+            os.replace(tmp, target)
+        else:
+            self.fs.pipe_file(target, data)
+        return sha
+
+    def get_bytes(self, sha: str) -> bytes:
+        data = self.fs.cat_file(self.path(sha))
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
+        return data
+
+    def get_file(self, sha: str, dest: str | Path) -> None:
+        """Copy a blob to ``dest``, checking its digest; ``dest`` appears only when complete."""
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.fs.get_file(self.path(sha), str(tmp))
+        except FileNotFoundError:
+            raise AdapterdeckError(f"blob {sha} is missing from {self.url}") from None
+        if sha256_file(tmp) != sha:
+            tmp.unlink(missing_ok=True)
+            raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
+        os.replace(tmp, dest)
+
+    def blobs(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob's digest and age in seconds (temporary files included, as their own names)."""
+        base = f"{self.root}/blobs"
+        if not self.fs.exists(base):
+            return
+        now = time.time()
+        for path, info in self.fs.find(base, detail=True).items():
+            name = path.rsplit("/", 1)[-1]
+            yield name, now - _mtime(info, now)
+
+    def delete(self, name: str) -> None:
+        path = f"{self.root}/blobs/{name[:2]}/{name}"
+        self.fs.rm_file(path)
+
+
+def _mtime(info: dict[str, Any], default: float) -> float:
+    for key in ("mtime", "LastModified", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        return float(value)
+    return default
