@@ -1,0 +1,77 @@
+"""``adapterdeck serve`` settings: a YAML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapterdeck.core.errors import AdapterdeckError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VllmSettings(Strict):
+    url: str | None = Field(
+        None, description="use a vLLM server already running here instead of starting one"
+    )
+    port: int = Field(8100, description="port of the vLLM server the gateway starts (loopback only)")
+    max_loras: int = Field(8, ge=1, description="adapters in one batch")
+    max_cpu_loras: int = Field(32, ge=1, description="adapters kept loaded in CPU memory")
+    max_lora_rank: int = Field(64, ge=1, description="largest rank served; the registry refuses larger")
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU machines")
+    extra_args: list[str] = Field(default_factory=list)
+    startup_timeout: float = 900
+    restart_backoff: float = 2.0
+
+
+class RegistryLocation(Strict):
+    home: Path | None = None
+    database_url: str | None = None
+    storage_url: str | None = None
+
+
+class ServeSettings(Strict):
+    base: str = Field(description="the base model: local directory or hub id")
+    served_name: str | None = Field(None, description="the name clients use for the base; default: derived")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    registry: RegistryLocation = Field(default_factory=RegistryLocation)
+    peft_max_batch: int = Field(8, ge=1, description="embedded PEFT engine: requests per batch")
+    peft_batch_wait_ms: float = Field(10, ge=0, description="embedded PEFT engine: wait to fill a batch")
+
+    def base_name(self) -> str:
+        """The model name of the base on the API: the hub id, or a local directory's name."""
+        if self.served_name:
+            return self.served_name
+        path = Path(self.base)
+        return path.name if path.exists() else self.base
+
+
+def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> ServeSettings:
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise AdapterdeckError(f"cannot read {config_file}: {exc}") from exc
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    try:
+        return ServeSettings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise AdapterdeckError(f"{config_file or 'serve settings'}:\n  " + "\n  ".join(lines)) from None

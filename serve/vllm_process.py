@@ -1,0 +1,132 @@
+"""Start, watch and restart the vLLM OpenAI server that serves the base and every LoRA adapter.
+
+vLLM runs as its own process group (``python -m vllm.entrypoints.openai.api_server``) with
+runtime LoRA loading on; adapterdeck's resolver plugin (registered under
+``vllm.general_plugins``) loads ``tenant/name@N`` from the registry on first use. If the process
+dies it is started again after a short backoff; while it is down, requests fail fast with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from adapterdeck.serve.settings import ServeSettings
+
+logger = logging.getLogger("adapterdeck.serve")
+
+
+class VllmSupervisor:
+    def __init__(self, settings: ServeSettings, env: dict[str, str], log_path: Path) -> None:
+        self.settings = settings
+        self.env = env
+        self.log_path = log_path
+        self.url = f"http://127.0.0.1:{settings.vllm.port}"
+        self.process: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.last_exit: int | None = None
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    def command(self) -> list[str]:
+        v = self.settings.vllm
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.settings.base,
+            "--served-model-name", self.settings.base_name(),
+            "--host", "127.0.0.1", "--port", str(v.port),
+            "--dtype", v.dtype,
+            "--enable-lora",
+            "--max-loras", str(v.max_loras),
+            "--max-cpu-loras", str(v.max_cpu_loras),
+            "--max-lora-rank", str(v.max_lora_rank),
+        ]  # fmt: skip
+        if v.max_model_len:
+            cmd += ["--max-model-len", str(v.max_model_len)]
+        return cmd + list(v.extra_args)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        env = {
+            **os.environ,
+            **self.env,
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+            "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
+                "VLLM_CPU_KVCACHE_SPACE", str(self.settings.vllm.kv_cache_gib)
+            ),
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command(), stdout=log, stderr=log, env=env, start_new_session=True
+            )
+        finally:
+            log.close()
+
+    async def _wait_ready(self, process: asyncio.subprocess.Process) -> bool:
+        deadline = time.monotonic() + self.settings.vllm.startup_timeout
+        async with httpx.AsyncClient(timeout=2) as client:
+            while time.monotonic() < deadline and process.returncode is None:
+                try:
+                    if (await client.get(f"{self.url}/health")).status_code == 200:
+                        return True
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+        return False
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            self.ready.clear()
+            self.process = await self._spawn()
+            self.started_at = time.monotonic()
+            logger.info("vLLM starting (pid %s), log: %s", self.process.pid, self.log_path)
+            if await self._wait_ready(self.process):
+                self.ready.set()
+                logger.info("vLLM ready at %s", self.url)
+            self.last_exit = await self.process.wait()
+            self.ready.clear()
+            if self._stopping:
+                break
+            self.restarts += 1
+            logger.warning("vLLM exited with %s; restarting (restart %d)", self.last_exit, self.restarts)
+            await asyncio.sleep(self.settings.vllm.restart_backoff)
+
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.returncode is None else None
+
+    async def stop(self) -> None:
+        self._stopping = True
+        process = self.process
+        if process is not None and process.returncode is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=20)
+            except TimeoutError:
+                _signal_group(process.pid, signal.SIGKILL)
+                await process.wait()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
