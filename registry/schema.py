@@ -102,3 +102,16 @@ alias_events = Table(
     Column("new_version", Integer),
     Column("at", DateTime(timezone=True), nullable=False),
 )
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    # NULL for an admin key.
+    Column("tenant_id", Integer, ForeignKey("tenants.id")),
+    Column("key_sha256", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)

@@ -25,7 +25,7 @@ class VllmSettings(Strict):
     max_lora_rank: int = Field(64, ge=1, description="largest rank served; the registry refuses larger")
     max_model_len: int | None = None
     dtype: str = "auto"
-    kv_cache_gib: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU machines")
+    kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU machines")
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout: float = 900
     restart_backoff: float = 2.0

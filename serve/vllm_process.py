@@ -35,6 +35,7 @@ class VllmSupervisor:
         self.started_at: float | None = None
         self.last_exit: int | None = None
         self._stopping = False
+        self._failures = 0
         self._task: asyncio.Task | None = None
 
     def command(self) -> list[str]:
@@ -101,8 +102,15 @@ class VllmSupervisor:
             if self._stopping:
                 break
             self.restarts += 1
-            logger.warning("vLLM exited with %s; restarting (restart %d)", self.last_exit, self.restarts)
-            await asyncio.sleep(self.settings.vllm.restart_backoff)
+            # A process that served for a while restarts at once; one that keeps failing to
+            # start backs off (doubling, up to a minute) instead of spinning.
+            quick = time.monotonic() - (self.started_at or 0) < 60
+            self._failures = self._failures + 1 if quick else 0
+            delay = min(60.0, self.settings.vllm.restart_backoff * (2**self._failures))
+            logger.warning(
+                "vLLM exited with %s; restarting in %.0f s (restart %d)", self.last_exit, delay, self.restarts
+            )
+            await asyncio.sleep(delay)
 
     def pid(self) -> int | None:
         return self.process.pid if self.process and self.process.returncode is None else None

@@ -1,0 +1,87 @@
+"""Tenants and their API keys. A key is shown once, when it is made; only its sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry import schema as t
+from adapterdeck.registry.db import write_transaction
+from adapterdeck.registry.refs import check_tenant
+from adapterdeck.registry.registry import Registry, _insert_ignore
+
+KEY_PREFIX = "adk_"
+ROLE_TENANT, ROLE_ADMIN = "tenant", "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a tenant, or an admin (``tenant`` is None)."""
+
+    role: str
+    tenant: str | None
+    key_prefix: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ROLE_ADMIN
+
+    def may_use(self, tenant: str) -> bool:
+        return self.is_admin or self.tenant == tenant
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(registry: Registry, tenant: str | None) -> str:
+    """Create a tenant (if new) and a key for it, or an admin key when ``tenant`` is None."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    with write_transaction(registry.engine) as conn:
+        tenant_id = None
+        if tenant is not None:
+            check_tenant(tenant)
+            _insert_ignore(conn, t.tenants, {"name": tenant, "created_at": now}, ["name"])
+            tenant_id = conn.execute(select(t.tenants.c.id).where(t.tenants.c.name == tenant)).scalar_one()
+        conn.execute(
+            t.api_keys.insert().values(
+                tenant_id=tenant_id,
+                key_sha256=_digest(key),
+                prefix=key[: len(KEY_PREFIX) + 6],
+                role=ROLE_TENANT if tenant is not None else ROLE_ADMIN,
+                created_at=now,
+            )
+        )
+    return key
+
+
+def authenticate(registry: Registry, key: str) -> Principal | None:
+    """The principal a key belongs to, or None for an unknown or revoked key."""
+    with registry.engine.connect() as conn:
+        row = conn.execute(
+            select(t.api_keys.c.role, t.api_keys.c.prefix, t.tenants.c.name)
+            .select_from(t.api_keys.outerjoin(t.tenants, t.tenants.c.id == t.api_keys.c.tenant_id))
+            .where(t.api_keys.c.key_sha256 == _digest(key), t.api_keys.c.revoked_at.is_(None))
+        ).first()
+    if row is None:
+        return None
+    return Principal(row.role, row.name, row.prefix)
+
+
+def revoke_key(registry: Registry, prefix: str) -> int:
+    """Revoke every key starting with ``prefix``; returns how many."""
+    if len(prefix) < len(KEY_PREFIX) + 4:
+        raise AdapterdeckError("give at least the first 8 characters of the key")
+    with write_transaction(registry.engine) as conn:
+        result = conn.execute(
+            t.api_keys.update()
+            .where(t.api_keys.c.prefix == prefix[: len(KEY_PREFIX) + 6], t.api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=datetime.now(UTC))
+        )
+    return result.rowcount

@@ -1,0 +1,15 @@
+"""Serving as an adapterdeck plugin: the ``serve`` and ``tenant`` commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adapterdeck.core import hookimpl
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    from adapterdeck.serve.cli import serve, tenant_app
+
+    cli.command()(serve)
+    cli.add_typer(tenant_app, name="tenant")
