@@ -29,11 +29,7 @@ base_app = typer.Typer(help="Base models.", no_args_is_help=True)
 data_app = typer.Typer(help="Check and split training data.", no_args_is_help=True)
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(base_app, name="base")
-demo_app = typer.Typer(
-    help="The demo: offline base, synthetic task, the whole pipeline.", no_args_is_help=True
-)
 app.add_typer(data_app, name="data")
-app.add_typer(demo_app, name="demo")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -406,51 +402,6 @@ def export(
         raise AdapterdeckError(f"{out_dir} is not empty")
     shutil.copytree(info.path, out_dir, dirs_exist_ok=True)
     out.print(f"adapter written to [bold]{out_dir}[/bold]")
-
-
-@demo_app.command("data")
-def demo_data(
-    out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
-    task: Annotated[str, typer.Option(help="support or sentiment.")] = "support",
-    n: Annotated[int, typer.Option(help="Number of examples.")] = 600,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-) -> None:
-    """Write a demo task as chat JSONL."""
-    from adapterdeck.core.demo import TASKS, write_demo_dataset
-
-    if task not in TASKS:
-        raise AdapterdeckError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
-    out.print(f"wrote {write_demo_dataset(out_file, task=task, n=n, seed=seed)} ({n} examples)")
-
-
-@demo_app.command("run")
-def demo_run(
-    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("out/demo"),
-    seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
-) -> None:
-    """Run the demo end to end, offline: build the base, make two tenants' data, train an adapter for each."""
-    from adapterdeck.core.basemodel import build_base_model
-    from adapterdeck.core.config import parse_config
-    from adapterdeck.core.demo import TASKS, demo_config, write_demo_dataset
-    from adapterdeck.core.train import run_training
-
-    base = workdir / "base"
-    out.rule("offline base model")
-    with err.status("building the base model") as status:
-        build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
-    out.print(f"base model: {base}")
-    results = {}
-    for task, spec in TASKS.items():
-        tenant = spec.tenant
-        data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, seed=seed)
-        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed, task), f"demo {task}")
-        out.rule(f"{tenant}/{task}: training a LoRA adapter")
-        result = run_training(config, RichReporter(out), overwrite=True)
-        _print_summary(result.report, result.run_dir)
-        results[f"{tenant}/{task}"] = result.report["test"]["metrics"]["exact_match"]
-    out.rule("demo result")
-    for name, m in results.items():
-        out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
 
 
 def _add_plugin_commands() -> None:

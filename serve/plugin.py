@@ -1,4 +1,4 @@
-"""Serving as an adapterdeck plugin: the ``serve`` and ``tenant`` commands."""
+"""Serving as an adapterdeck plugin: the ``serve``, ``tenant`` and ``demo`` commands."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from adapterdeck.core import hookimpl
 @hookimpl
 def register_commands(cli: Any) -> None:
     from adapterdeck.serve.cli import serve, tenant_app
+    from adapterdeck.serve.demo import app as demo_app
 
     cli.command()(serve)
     cli.add_typer(tenant_app, name="tenant")
+    cli.add_typer(demo_app, name="demo")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from adapterdeck.core.config import load_config
 
 from .conftest import ROOT, run_cli
@@ -24,8 +26,9 @@ def test_demo_files_are_generated_deterministically(tmp_path: Path) -> None:
         assert config.method.name == "lora"
 
 
-def test_demo_run_reaches_the_exact_match_bar(tmp_path: Path) -> None:
-    result = run_cli("demo", "run", "--workdir", str(tmp_path))
+@pytest.mark.vllm
+def test_demo_run_is_the_whole_product_and_reaches_the_bar(tmp_path: Path) -> None:
+    result = run_cli("demo", "run", "--workdir", str(tmp_path), env={"COLUMNS": "200"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for task in ("support", "sentiment"):
         report = json.loads((tmp_path / "runs" / task / "report.json").read_text())
@@ -34,3 +37,10 @@ def test_demo_run_reaches_the_exact_match_bar(tmp_path: Path) -> None:
         assert exact["tuned"]["value"] >= 0.6, (task, exact)
         assert (tmp_path / "runs" / task / "loss.png").exists()
     assert "acme/support: exact match base 0% -> tuned" in result.stdout
+    # Published, served through vLLM, called with the openai client, shown side by side, stopped.
+    for expected in ("published acme/support@1", "published globex/sentiment@1", "gateway ready"):
+        assert expected in result.stdout
+    assert "(acme/support@1)" in result.stdout and "(globex/sentiment@1)" in result.stdout
+    assert '{"category": ' in result.stdout
+    assert "stopped the gateway and vLLM" in result.stdout
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1

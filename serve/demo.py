@@ -1,0 +1,167 @@
+"""``adapterdeck demo``: the whole product on one machine, offline.
+
+Build the offline base, train the two demo tenants' adapters, publish them, serve them through
+vLLM behind the gateway, call each tenant's adapter and the base with the ``openai`` client, show
+the answers side by side, and shut everything down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterdeck.core.errors import AdapterdeckError
+
+app = typer.Typer(
+    help="The demo: offline base, two tenants, training, registry, serving.", no_args_is_help=True
+)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@app.command("data")
+def demo_data(
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL file to write.")],
+    task: Annotated[str, typer.Option(help="support or sentiment.")] = "support",
+    n: Annotated[int, typer.Option(help="Number of examples.")] = 600,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Write a demo task as chat JSONL."""
+    from adapterdeck.core.demo import TASKS, write_demo_dataset
+
+    if task not in TASKS:
+        raise AdapterdeckError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
+    out.print(f"wrote {write_demo_dataset(out_file, task=task, n=n, seed=seed)} ({n} examples)")
+
+
+@app.command("run")
+def demo_run(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("out/demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
+    serve: Annotated[bool, typer.Option(help="Publish, serve and call the adapters after training.")] = True,
+) -> None:
+    """Build the base, train two tenants' adapters, publish, serve through vLLM, call them, shut down."""
+    from adapterdeck.core.basemodel import build_base_model
+    from adapterdeck.core.cli import RichReporter, _print_summary
+    from adapterdeck.core.config import parse_config
+    from adapterdeck.core.demo import TASKS, demo_config, write_demo_dataset
+    from adapterdeck.core.train import run_training
+
+    workdir = workdir.resolve()
+    base = workdir / "base"
+    out.rule("1. offline base model")
+    with err.status("building the base model") as status:
+        build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
+    out.print(f"base model: {base}")
+    runs: dict[str, Path] = {}
+    results = {}
+    for task, spec in TASKS.items():
+        data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, seed=seed)
+        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed, task), f"demo {task}")
+        out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter")
+        result = run_training(config, RichReporter(out), overwrite=True)
+        _print_summary(result.report, result.run_dir)
+        runs[f"{spec.tenant}/{task}"] = result.run_dir
+        results[f"{spec.tenant}/{task}"] = result.report["test"]["metrics"]["exact_match"]
+    out.rule("training result")
+    for name, m in results.items():
+        out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
+    if serve:
+        _publish_serve_and_call(workdir, base, runs)
+
+
+def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path]) -> None:
+    import openai
+
+    from adapterdeck.core.demo import SENTIMENT_SYSTEM, SUPPORT_SYSTEM
+    from adapterdeck.registry import Registry, RegistrySettings
+    from adapterdeck.registry.tenants import create_key
+
+    home = workdir / "home"
+    out.rule("3. registry: publish each tenant's adapter")
+    registry = Registry(RegistrySettings(home=home))
+    keys = {}
+    for adapter, run in runs.items():
+        info = registry.publish(run, adapter, alias="prod")
+        keys[info.tenant] = create_key(registry, info.tenant)
+        out.print(f"published {info.ref} (alias prod), served by {', '.join(info.served_by)}")
+    registry.close()
+
+    out.rule("4. serving: gateway + vLLM (CPU build), one base, adapters per request")
+    port, vllm_port = _free_port(), _free_port()
+    log = workdir / "serve.log"
+    env = {**os.environ, "ADAPTERDECK_HOME": str(home)}
+    cmd = [
+        sys.executable, "-m", "adapterdeck.core.cli", "serve",
+        "--base", str(base), "--served-name", "tiny-base", "--port", str(port),
+        "--vllm-port", str(vllm_port), "--max-model-len", "512",
+    ]  # fmt: skip
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with err.status(f"starting vLLM and the gateway (log: {log})"):
+            deadline = time.monotonic() + 900
+            while True:
+                if proc.poll() is not None:
+                    raise AdapterdeckError(f"the server exited with {proc.returncode}; see {log}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise AdapterdeckError(f"the server was not ready in 15 minutes; see {log}")
+                time.sleep(1)
+        out.print(f"gateway ready at {url}/v1")
+
+        out.rule("5. calling each tenant's adapter and the base with the openai client")
+        prompts = {
+            "acme/support": (SUPPORT_SYSTEM, [
+                "Hi, this is Tom. The courier lost my tablet (order 1234). No rush at all.",
+                "Hi, this is Nora. I was charged twice for the kettle (order 5521). This is urgent.",
+            ]),
+            "globex/sentiment": (SENTIMENT_SYSTEM, [
+                "The blender is excellent and it works great. Bought by Omar in 2024.",
+                "The jacket broke in a week but it is lovely. Bought by Sara in 2021.",
+            ]),
+        }  # fmt: skip
+        table = Table("tenant model", "prompt", "base answers", "adapter answers", show_lines=True)
+        for adapter, (system, texts) in prompts.items():
+            tenant = adapter.split("/")[0]
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=keys[tenant], max_retries=2)
+            for text in texts:
+                messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+                answers = {}
+                for model in ("tiny-base", adapter):
+                    reply = client.chat.completions.create(
+                        model=model, messages=messages, max_tokens=24, temperature=0
+                    )
+                    answers[model] = f"{reply.choices[0].message.content!s}\n[dim]({reply.model})[/dim]"
+                table.add_row(adapter, text, answers["tiny-base"], answers[adapter])
+        out.print(table)
+    finally:
+        out.rule("6. shutting down")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        out.print("stopped the gateway and vLLM")
