@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, func, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, select, update
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
@@ -102,6 +102,33 @@ _VERSION_FROM = (
     t.versions.join(t.adapters, t.adapters.c.id == t.versions.c.adapter_id)
     .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
     .join(t.bases, t.bases.c.id == t.versions.c.base_id)
+)
+
+
+# Resolving is the hot path of serving: the statements are built once, with bind parameters.
+_SAME_ADAPTER = and_(t.tenants.c.name == bindparam("tenant"), t.adapters.c.name == bindparam("name"))
+_BY_VERSION = (
+    select(*_VERSION_COLUMNS)
+    .select_from(_VERSION_FROM)
+    .where(_SAME_ADAPTER, t.versions.c.version == bindparam("version"))
+)
+_BY_ALIAS = (
+    select(*_VERSION_COLUMNS)
+    .select_from(
+        _VERSION_FROM.join(
+            t.aliases,
+            # adapter_id too, so the lookup uses the aliases primary key instead of a scan.
+            and_(t.aliases.c.adapter_id == t.adapters.c.id, t.aliases.c.version_id == t.versions.c.id),
+        )
+    )
+    .where(_SAME_ADAPTER, t.aliases.c.alias == bindparam("alias"))
+)
+_NEWEST = (
+    select(*_VERSION_COLUMNS)
+    .select_from(_VERSION_FROM)
+    .where(_SAME_ADAPTER)
+    .order_by(t.versions.c.version.desc())
+    .limit(1)
 )
 
 
@@ -277,29 +304,14 @@ class Registry:
     def resolve(self, ref: str | Ref) -> VersionInfo:
         """The version a reference means now: ``t/n@N``, ``t/n:alias``, or ``t/n`` (prod, else newest)."""
         ref = parse_ref(ref) if isinstance(ref, str) else ref
-        where = and_(t.tenants.c.name == ref.tenant, t.adapters.c.name == ref.name)
+        params = {"tenant": ref.tenant, "name": ref.name}
         with self.engine.connect() as conn:
             if ref.version is not None:
-                row = conn.execute(
-                    select(*_VERSION_COLUMNS)
-                    .select_from(_VERSION_FROM)
-                    .where(where, t.versions.c.version == ref.version)
-                ).first()
+                row = conn.execute(_BY_VERSION, {**params, "version": ref.version}).first()
             else:
-                alias = ref.alias or DEFAULT_ALIAS
-                row = conn.execute(
-                    select(*_VERSION_COLUMNS)
-                    .select_from(_VERSION_FROM.join(t.aliases, t.aliases.c.version_id == t.versions.c.id))
-                    .where(where, t.aliases.c.alias == alias)
-                ).first()
+                row = conn.execute(_BY_ALIAS, {**params, "alias": ref.alias or DEFAULT_ALIAS}).first()
                 if row is None and ref.alias is None:
-                    row = conn.execute(
-                        select(*_VERSION_COLUMNS)
-                        .select_from(_VERSION_FROM)
-                        .where(where)
-                        .order_by(t.versions.c.version.desc())
-                        .limit(1)
-                    ).first()
+                    row = conn.execute(_NEWEST, params).first()
         if row is None:
             raise NotFound(f"no adapter version {ref}")
         return _info(row)
