@@ -30,7 +30,7 @@ def _check(kind: str, value: str, pattern: re.Pattern[str], limit: int) -> str:
         raise InvalidRef(f"{kind} is empty")
     if len(value) > limit:
         raise InvalidRef(f"{kind} {value!r} is {len(value)} characters long; the limit is {limit}")
-    if not pattern.match(value) or value.endswith("."):
+    if not pattern.fullmatch(value) or value.endswith("."):
         raise InvalidRef(f"{kind} {value!r} is not valid: use {rule}")
     return value
 
@@ -79,7 +79,7 @@ def parse_ref(text: str) -> Ref:
     head, version, alias = text, None, None
     if "@" in text:
         head, _, number = text.partition("@")
-        if not number.isdigit() or int(number) < 1:
+        if not (number.isascii() and number.isdigit()) or int(number) < 1:
             raise InvalidRef(f"{text!r}: the version after '@' must be a positive integer")
         version = int(number)
     elif ":" in text:

@@ -68,6 +68,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _iso(value: Any) -> str:
+    """A stored time as ISO 8601 with its offset; SQLite hands back the UTC time without one."""
+    if not isinstance(value, datetime):
+        return str(value)
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -152,7 +159,7 @@ def _info(row: Row) -> VersionInfo:
         chat_template_sha256=row.chat_template_sha256,
         size_bytes=row.size_bytes,
         source=row.source,
-        created_at=created.isoformat() if hasattr(created, "isoformat") else str(created),
+        created_at=_iso(created),
         library_versions=row.library_versions,
         manifest_sha256=row.manifest_sha256,
     )
@@ -400,8 +407,7 @@ class Registry:
                 .order_by(t.alias_events.c.id)
             ).all()
         return [
-            {"alias": r.alias, "from": r.old_version, "to": r.new_version, "at": r.at.isoformat()}
-            for r in rows
+            {"alias": r.alias, "from": r.old_version, "to": r.new_version, "at": _iso(r.at)} for r in rows
         ]
 
     def _adapter_id(self, conn: Connection, ref: Ref) -> int:
@@ -423,6 +429,9 @@ class Registry:
         target = self.resolve(Ref(ref.tenant, ref.name, version=version))
         with write_transaction(self.engine) as conn:
             adapter_id = self._adapter_id(conn, ref)
+            # One alias move per adapter at a time, as in publish (whose UPDATE locks the same row):
+            # _move_alias reads, then inserts or updates. SQLite's BEGIN IMMEDIATE already serializes.
+            conn.execute(select(t.adapters.c.id).where(t.adapters.c.id == adapter_id).with_for_update())
             self._move_alias(conn, adapter_id, alias, self._version_id(conn, target), version)
         return self.show(f"{ref.adapter}:{alias}")
 

@@ -20,7 +20,7 @@ class RegistrySettings(BaseSettings):
     storage_url: str | None = None
     #: JSON of fsspec storage options, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}``.
     storage_options: dict = Field(default_factory=dict)
-    #: Largest LoRA rank accepted (vLLM's ``--max-lora-rank`` must be at least this).
+    #: Largest rank of a LoRA adapter served by vLLM (its ``--max-lora-rank`` must be at least this).
     max_lora_rank: int = 64
     #: Largest adapter accepted, in bytes.
     max_adapter_bytes: int = 2 * 1024**3

@@ -257,7 +257,11 @@ def validate(
             base_record = find_base(fingerprint)
             if base_record is None:
                 registered = known_bases()
-                if registered:
+                # A concurrent publish may have recorded this very base since find_base looked.
+                same = [b for b in registered if b.fingerprint == fingerprint]
+                if same:
+                    base_record = same[0]
+                elif registered:
                     names = ", ".join(f"{b.name} ({b.fingerprint[:19]})" for b in registered)
                     reasons.append(
                         f"was trained on another base ({wanted}, {fingerprint[:19]}); "

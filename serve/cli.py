@@ -31,6 +31,9 @@ def serve(
     vllm_port: Annotated[int | None, typer.Option(help="Port for the vLLM server started here.")] = None,
     served_name: Annotated[str | None, typer.Option(help="Model name of the base on the API.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="vLLM --dtype (auto: bf16 on most CPUs and GPUs).")
+    ] = None,
 ) -> None:
     """Serve the base and every adapter in the registry behind an OpenAI-compatible API."""
     import uvicorn
@@ -48,6 +51,7 @@ def serve(
             "vllm.url": vllm_url,
             "vllm.port": vllm_port,
             "vllm.max_model_len": max_model_len,
+            "vllm.dtype": dtype,
         },
     )
     location = settings.registry

@@ -111,7 +111,7 @@ def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path]) ->
     cmd = [
         sys.executable, "-m", "adapterdeck.core.cli", "serve",
         "--base", str(base), "--served-name", "tiny-base", "--port", str(port),
-        "--vllm-port", str(vllm_port), "--max-model-len", "512",
+        "--vllm-port", str(vllm_port), "--max-model-len", "512", "--dtype", "float32",
     ]  # fmt: skip
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)

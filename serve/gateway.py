@@ -323,6 +323,11 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         status = 404 if isinstance(exc, NotFound) else 400
         return ApiError(status, str(exc), "invalid_request_error").response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error")
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}

@@ -141,7 +141,8 @@ class PeftEngine:
         import torch
 
         self._ensure_model()
-        self.model.set_adapter(self._ensure_adapter(ref))
+        name = self._ensure_adapter(ref)  # may wrap self.model in a PeftModel: look it up after
+        self.model.set_adapter(name)
         chat = path.endswith("chat/completions")
         prompts = []
         for item in items:

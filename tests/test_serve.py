@@ -107,6 +107,7 @@ def serving(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     cmd = [
         sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
         "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512", "--served-name", "tiny",
+        "--dtype", "float32",
     ]  # fmt: skip
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -199,6 +200,8 @@ def test_four_adapters_at_once_each_answer_like_peft(serving: Serving) -> None:
         for prompt, want in zip(PROMPTS, expected, strict=True):
             total += 1
             matched += answers[(name, prompt)] == want
+        same = sum(answers[(name, p)] == w for p, w in zip(PROMPTS, expected, strict=True))
+        print(f"{name}: vLLM matched PEFT on {same}/{len(PROMPTS)}")
     rate = matched / total
     print(f"vLLM matched PEFT greedy generation on {matched}/{total} prompts ({rate:.0%})")
     assert rate >= 0.9
