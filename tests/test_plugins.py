@@ -299,3 +299,57 @@ def test_a_plugin_that_fails_to_import_is_reported_and_the_rest_load(
     text = run_cli("plugins", "list", env={"PYTHONPATH": str(broken_installed)})
     assert text.returncode == 0
     assert "adapterdeck-broken" in text.stderr and "broken on purpose" in text.stderr
+
+
+def test_hook_register_commands(fresh_plugins: None) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from adapterdeck.core.plugins import add_plugin_commands
+
+    class Plugin:
+        @hookimpl
+        def register_commands(self, cli: typer.Typer) -> None:
+            @cli.command("hello")
+            def hello(name: str) -> None:
+                print(f"hello {name}")
+
+    class Broken:
+        @hookimpl
+        def register_commands(self, cli: typer.Typer) -> None:
+            raise RuntimeError("no commands today")
+
+    register_plugin(Plugin(), name="hello-plugin")
+    register_plugin(Broken(), name="broken-commands")
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None: ...
+
+    problems = add_plugin_commands(app)
+    assert [p.plugin for p in problems] == ["broken-commands"]
+    result = CliRunner().invoke(app, ["hello", "world"])
+    assert result.exit_code == 0 and "hello world" in result.output
+    # adapterdeck's own parts arrive the same way, as built-ins.
+    assert {"registry", "serve", "tenant", "demo"} <= {
+        (c.name or (c.callback.__name__ if c.callback else "")) for c in app.registered_commands
+    } | {g.name for g in app.registered_groups}
+
+
+def test_hook_publish_run(fresh_plugins: None, tmp_path: Path) -> None:
+    from adapterdeck.core.plugins import plugin_manager, publish_run
+
+    calls: list[tuple[Path, str, str | None]] = []
+
+    class Publisher:
+        @hookimpl(tryfirst=True)
+        def publish_run(self, run_dir: Path, ref: str, alias: str | None) -> str | None:
+            calls.append((run_dir, ref, alias))
+            return f"{ref}@7" if ref.startswith("mine/") else None
+
+    register_plugin(Publisher(), name="publisher")
+    assert publish_run(tmp_path, "mine/model", "prod") == "mine/model@7"
+    assert calls == [(tmp_path, "mine/model", "prod")]
+    # None passes the run on to the next implementation (here the registry's).
+    impls = [i.plugin_name for i in plugin_manager().hook.publish_run.get_hookimpls()]
+    assert "adapterdeck:registry" in impls
