@@ -44,6 +44,8 @@ from adapterdeck.serve.vllm_process import VllmSupervisor
 
 logger = logging.getLogger("adapterdeck.serve")
 REF_HEADER = "X-Adapterdeck-Ref"
+KEY_TTL = 10.0
+VERSION_TTL = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ class Gateway:
         self.peft: Any = None  # the embedded PEFT engine, created on first use
         self._vllm_loaded: set[str] = set()
         self._vllm_incarnation: int | None = None
+        # Short-lived caches of the two lookups every request makes. Keys: a revoked key stops
+        # working within KEY_TTL seconds. Versions: only immutable refs are cached (an alias or
+        # a bare name is resolved on every request, so a move or a publish is live at once).
+        self._keys: dict[str, tuple[float, Principal]] = {}
+        self._versions: dict[str, tuple[float, Any]] = {}
 
     # -- auth and routing ----------------------------------------------------------------------
 
@@ -81,10 +88,31 @@ class Gateway:
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise unauthorized()
-        found = await asyncio.to_thread(authenticate, self.registry, key.strip())
+        key = key.strip()
+        now = time.monotonic()
+        cached = self._keys.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await asyncio.to_thread(authenticate, self.registry, key)
         if found is None:
             raise unauthorized("Invalid API key.")
+        if len(self._keys) > 10_000:
+            self._keys.clear()
+        self._keys[key] = (now + KEY_TTL, found)
         return found
+
+    async def _resolve(self, ref: Any) -> Any:
+        if not ref.immutable:
+            return await asyncio.to_thread(self.registry.resolve, ref)
+        now, name = time.monotonic(), str(ref)
+        cached = self._versions.get(name)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        info = await asyncio.to_thread(self.registry.resolve, ref)
+        if len(self._versions) > 10_000:
+            self._versions.clear()
+        self._versions[name] = (now + VERSION_TTL, info)
+        return info
 
     async def route(self, model: Any, principal: Principal) -> Target:
         if not isinstance(model, str) or not model:
@@ -101,7 +129,7 @@ class Gateway:
         if not principal.may_use(ref.tenant):
             raise model_not_found(model)
         try:
-            info = await asyncio.to_thread(self.registry.resolve, ref)
+            info = await self._resolve(ref)
         except NotFound:
             raise model_not_found(model) from None
         engine = ENGINE_VLLM if ENGINE_VLLM in info.served_by else ENGINE_PEFT
@@ -151,11 +179,15 @@ class Gateway:
         except httpx.TransportError:
             raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
         if upstream.status_code == 200:
-            payload = upstream.json()
-            self._count_usage(target, payload.get("usage"))
+            content = upstream.content
+            try:
+                self._count_usage(target, json.loads(content).get("usage"))
+            except (ValueError, AttributeError):
+                pass
             if first_load:
                 self._record_load(target, time.monotonic() - started)
-            return JSONResponse(payload, headers={REF_HEADER: target.label})
+            # vLLM's body goes out as it came: it already names the immutable ref.
+            return Response(content, media_type="application/json", headers={REF_HEADER: target.label})
         if first_load:
             self._vllm_loaded.discard(target.ref or "")
         return Response(upstream.content, status_code=upstream.status_code, media_type="application/json")
