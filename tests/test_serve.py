@@ -358,6 +358,8 @@ def test_sigterm_stops_everything(serving: Serving) -> None:
     vllm_pid = serving.health()["engines"]["vllm"]["pid"]
     serving.proc.send_signal(signal.SIGTERM)
     serving.proc.wait(timeout=90)
-    assert serving.proc.returncode == 0
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: -SIGTERM is a clean exit.
+    assert serving.proc.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in serving.log.read_text()
     with pytest.raises(ProcessLookupError):
         os.kill(vllm_pid, 0)
