@@ -57,6 +57,7 @@ def serve(
     location = settings.registry
     registry = _registry(location.home, location.database_url, location.storage_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     app = create_app(settings, registry, log_dir=registry.settings.home.expanduser() / "logs")
     out.print(f"serving {settings.base_name()} on http://{settings.host}:{settings.port}/v1")
     uvicorn.run(
