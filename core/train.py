@@ -232,6 +232,7 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
         PrinterCallback,
         Trainer,
         TrainingArguments,
+        set_seed,
     )
 
     rep = reporter or Reporter()
@@ -279,6 +280,8 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     rep.stage("loading the base model")
     t = time.monotonic()
     dtype = _dtype(config.train.dtype)
+    # Seed before the adapter's weights are created: the same config gives the same run.
+    set_seed(config.train.seed)
     model = method.load_base(config.base, params, dtype=dtype)
     peft_model = method.apply(model, params)
     trainable, total = peft_model.get_nb_trainable_parameters()

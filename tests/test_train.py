@@ -280,3 +280,15 @@ def test_explicit_splits_and_mixed_in_general_data(base_model: Path, tmp_path: P
         "test.jsonl",
     ]
     assert report["test"]["examples"] == 12
+
+
+def test_the_same_config_gives_the_same_run(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    losses = []
+    for name in ("a", "b"):
+        config = config_for(
+            base_model, support_data, tmp_path / name, **{"train.max_steps": 4, "train.eval_steps": 2}
+        )
+        config["eval"] = {"evaluators": ["loss"], "samples": 0}
+        report = run_training(parse_config(config)).report
+        losses.append([p["loss"] for p in report["training"]["train_loss"]])
+    assert losses[0] == losses[1]

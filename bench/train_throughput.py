@@ -1,0 +1,566 @@
+"""Training throughput: ``adapterdeck train`` against a plain transformers Trainer + PEFT script.
+
+    .venv/bin/python bench/train_throughput.py [--steps 60] [--repeats 2] [--workdir out/bench]
+
+Both sides train the same LoRA (r 8, alpha 32, dropout 0.05, all-linear) on the same offline demo
+base, the same data, batch size, steps, learning rate, warmup, seed and validation schedule. Each
+run is a fresh process; runs are interleaved (A B, B A, ...) because shared machines are noisy,
+and the medians are compared. Tokens are counted the same way on both sides: the real
+(non-padding) tokens of the training examples consumed, divided by the wall time of the training
+phase (building the Trainer + ``trainer.train()``, which includes validation every ``eval_steps``
+steps, checkpoint saving and loading the best checkpoint at the end, on both sides).
+
+The adapterdeck side runs what ``adapterdeck train cfg.yaml --overwrite`` runs (``run_training``
+with the CLI's reporter, which also timestamps each step) and reads the training time and tokens
+from report.json. The baseline is the script a competent user writes: each conversation
+tokenized with the chat template, labels on the assistant tokens only
+(``adapterdeck.core.encode.encode``, so the labels are identical), ``DataCollatorForSeq2Seq``
+padding each batch to its longest example. At the end, both collators' batches are timed
+alternately in one process (forward + backward), a figure that holds on a busy machine too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 0
+BATCH_SIZE = 16
+LEARNING_RATE = 3e-3
+LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+SPLIT = (0.9, 0.05, 0.05)
+WARMUP_RATIO = 0.03  # adapterdeck's default train.warmup_ratio
+LOGGING_STEPS = 5  # adapterdeck's default train.logging_steps
+
+
+def eval_steps_for(steps: int) -> int:
+    """adapterdeck's default: validate about ten times a run."""
+    return max(1, steps // 10)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _join(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One multi-turn conversation from several single-turn examples of the same task."""
+    messages = [records[0]["messages"][0]]  # the task's system prompt, once
+    for r in records:
+        messages.extend(m for m in r["messages"] if m["role"] != "system")
+    return {"messages": messages}
+
+
+def make_data(workdir: Path, seed: int) -> dict[str, Path]:
+    """Demo examples of both tasks plus multi-turn conversations of 2-4 of them, split 90/5/5.
+
+    The validation split is kept small (70 examples) so that validating ten times a run does not
+    swamp the training steps being measured.
+    """
+    from adapterdeck.core.demo import write_demo_dataset
+    from adapterdeck.core.formats import Message
+    from adapterdeck.core.split import split_examples
+
+    rng = random.Random(seed)
+    parts = workdir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    for task in ("support", "sentiment"):
+        records += _read_jsonl(write_demo_dataset(parts / f"{task}.jsonl", task=task, n=500, seed=seed))
+        pool = _read_jsonl(write_demo_dataset(parts / f"{task}-turns.jsonl", task=task, n=600, seed=seed + 1))
+        while len(pool) >= 2:
+            k = min(rng.randint(2, 4), len(pool))
+            records.append(_join(pool[:k]))
+            pool = pool[k:]
+    rng.shuffle(records)
+    _write_jsonl(workdir / "data.jsonl", records)
+
+    # Split once with adapterdeck's own seeded split, and give both sides the same files.
+    from adapterdeck.core.formats import Conversation
+
+    convs = [
+        Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"]), line=i + 1)
+        for i, r in enumerate(records)
+    ]
+    split = split_examples(convs, SPLIT, seed=seed)
+    files = {}
+    for name, part in (("train", split.train), ("validation", split.validation), ("test", split.test)):
+        files[name] = workdir / f"{name}.jsonl"
+        _write_jsonl(files[name], [{"messages": c.as_dicts()} for c in part])
+    return files
+
+
+def write_config(workdir: Path, files: dict[str, Path], steps: int, seed: int) -> Path:
+    import yaml
+
+    config = {
+        "base": str(workdir / "base"),
+        "data": {k: str(v) for k, v in files.items()},
+        "method": {"name": "lora", **LORA},
+        "train": {
+            "max_steps": steps,
+            "batch_size": BATCH_SIZE,
+            "learning_rate": LEARNING_RATE,
+            "eval_steps": eval_steps_for(steps),
+            "seed": seed,
+            "packing": True,
+        },
+        # Fixed step count on both sides: no early stopping.
+        "early_stopping": {"patience": None},
+        "eval": {"evaluators": ["loss"], "samples": 0},
+        "output": str(workdir / "runs" / "adapterdeck"),
+    }
+    path = workdir / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# --- the two sides -----------------------------------------------------------------------------
+
+
+def _eval_seconds(log_history: list[dict[str, Any]]) -> float:
+    return sum(e.get("eval_runtime", 0.0) for e in log_history)
+
+
+class StepClock:
+    """Wall-clock marks at the start of training and at the end of every step, and CPU seconds.
+
+    Both sides take them at the same Trainer events (on_train_begin, on_step_end, on_train_end).
+    A step followed by validation and checkpointing shows in the next interval; the median
+    interval is a typical step without them (shown per run, for information).
+    """
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self._cpu0 = 0.0
+        self.cpu = 0.0
+
+    def begin(self) -> None:
+        self.marks = [time.perf_counter()]
+        self._cpu0 = time.process_time()
+
+    def step(self) -> None:
+        self.marks.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.cpu = time.process_time() - self._cpu0
+
+    def figures(self) -> dict[str, float]:
+        gaps = [b - a for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return {"median_step": statistics.median(gaps) if gaps else 0.0, "cpu_seconds": round(self.cpu, 3)}
+
+
+def adapterdeck_child(cfg_path: Path, out: Path) -> None:
+    """What ``adapterdeck train cfg.yaml --overwrite`` runs: ``run_training`` with the CLI's reporter."""
+    from adapterdeck.core.cli import RichReporter
+    from adapterdeck.core.cli import out as console
+    from adapterdeck.core.config import load_config
+    from adapterdeck.core.train import run_training
+
+    clock = StepClock()
+
+    class TimedReporter(RichReporter):
+        def train_start(self, total_steps: int) -> None:
+            clock.begin()
+            super().train_start(total_steps)
+
+        def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+            clock.step()
+            super().train_step(step, loss, val_loss)
+
+        def train_end(self) -> None:
+            clock.end()
+            super().train_end()
+
+    result = run_training(load_config(cfg_path), TimedReporter(console), overwrite=True)
+    training = result.report["training"]
+    # report.json keeps val losses, not eval timings: take those from the last checkpoint's state.
+    checkpoints = sorted(
+        (result.run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])
+    )
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text()) if checkpoints else {}
+    figures = {
+        "seconds": result.report["durations"]["train"],  # what report.json says the training took
+        "tokens": training["tokens_seen"],  # real tokens: packing leaves no padding to count
+        "steps": training["steps"],
+        "packing": training["packing"],
+        "eval_seconds": _eval_seconds(state.get("log_history", [])),
+        "evals": len(training["val_loss"]),
+        "final_loss": training["train_loss"][-1]["loss"] if training["train_loss"] else None,
+        **clock.figures(),
+    }
+    out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def _child(mode: str, cfg: Path, workdir: Path) -> dict[str, Any]:
+    out = workdir / "runs" / f"{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, f"--{mode}-run", str(cfg), "--result", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{mode} run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(out.read_text())
+
+
+def run_adapterdeck(cfg: Path, workdir: Path) -> dict[str, Any]:
+    """The adapterdeck pipeline (``adapterdeck_child``) in a fresh process."""
+    return _child("adapterdeck", cfg, workdir)
+
+
+def run_baseline(cfg: Path, workdir: Path) -> dict[str, Any]:
+    """The plain transformers + PEFT script (``baseline`` below) in a fresh process."""
+    return _child("baseline", cfg, workdir)
+
+
+class _CountingCollator:
+    """DataCollatorForSeq2Seq that also notes (real, padded) tokens of each training batch."""
+
+    def __init__(self, inner: Any, train_rows: list[dict[str, Any]]) -> None:
+        self.inner = inner
+        self.train_ids = {id(r) for r in train_rows}
+        self.batches: list[tuple[int, int]] = []
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        training = id(features[0]) in self.train_ids  # the dataset hands out its own row dicts
+        batch = self.inner(features)
+        if training:
+            self.batches.append((int(batch["attention_mask"].sum()), int(batch["input_ids"].numel())))
+        return batch
+
+
+def baseline(cfg_path: Path, out: Path) -> None:
+    """What a user writes with transformers + PEFT, with the settings of ``cfg_path``."""
+    import torch
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
+
+    from adapterdeck.core.encode import encode
+    from adapterdeck.core.formats import Conversation, Message
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    train_cfg, method = cfg["train"], cfg["method"]
+    seed, steps, eval_steps = train_cfg["seed"], train_cfg["max_steps"], train_cfg["eval_steps"]
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg["base"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def load(path: str) -> list[dict[str, Any]]:
+        rows = []
+        for r in _read_jsonl(Path(path)):
+            conv = Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"]))
+            rows.append(encode(tokenizer, conv))  # chat template; labels on assistant tokens only
+        return rows
+
+    train_rows, val_rows = load(cfg["data"]["train"]), load(cfg["data"]["validation"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
+    lora = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=method["r"],
+        lora_alpha=method["alpha"],
+        lora_dropout=method["dropout"],
+        target_modules=method["target_modules"],
+        bias="none",
+    )
+    model = get_peft_model(model, lora)
+    model.config.use_cache = False
+    args = TrainingArguments(
+        output_dir=str(out.parent / "baseline" / "checkpoints"),
+        per_device_train_batch_size=train_cfg["batch_size"],
+        per_device_eval_batch_size=train_cfg["batch_size"],
+        learning_rate=train_cfg["learning_rate"],
+        max_steps=steps,
+        warmup_steps=math.ceil(WARMUP_RATIO * steps),
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        logging_steps=min(LOGGING_STEPS, eval_steps),
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        include_num_input_tokens_seen="non_padding",
+        use_cache=False,
+    )
+    collator = _CountingCollator(
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), train_rows
+    )
+    clock = StepClock()
+
+    class Clock(TrainerCallback):  # the bench's stopwatch, not part of what a user writes
+        def on_train_begin(self, *args: Any, **kw: Any) -> None:
+            clock.begin()
+
+        def on_step_end(self, *args: Any, **kw: Any) -> None:
+            clock.step()
+
+        def on_train_end(self, *args: Any, **kw: Any) -> None:
+            clock.end()
+
+    started = time.monotonic()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=val_rows,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    seconds = time.monotonic() - started
+    history = trainer.state.log_history
+    losses = [e["loss"] for e in history if "loss" in e]
+    # The dataloader collates one batch ahead; the batches trained on are the first `steps`.
+    used = collator.batches[: trainer.state.global_step]
+    result = {
+        "seconds": round(seconds, 3),
+        "tokens": trainer.state.num_input_tokens_seen,  # non-padding tokens, as the Trainer counts
+        "tokens_collated": sum(real for real, _ in used),
+        "padded_tokens": sum(padded for _, padded in used),
+        "steps": trainer.state.global_step,
+        "eval_seconds": _eval_seconds(history),
+        "evals": sum(1 for e in history if "eval_loss" in e),
+        "final_loss": losses[-1] if losses else None,
+        **clock.figures(),
+    }
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
+    """One process, one model: the same batches as a padded batch and as one packed row, alternating.
+
+    Forward + backward only (the optimizer step is the same for both). Alternating batch by batch
+    puts both collators under the same load, so this ratio holds on a busy machine too.
+    """
+    import logging
+
+    import torch
+    import yaml
+
+    # As the CLI does: bitsandbytes (imported by peft) warns about optional CPU kernels it lacks.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+    )
+
+    from adapterdeck.core.encode import encode
+    from adapterdeck.core.formats import Conversation, Message
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(cfg["base"])
+    records = _read_jsonl(Path(cfg["data"]["train"]))
+    random.Random(SEED).shuffle(records)
+    rows = [
+        encode(tokenizer, Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"])))
+        for r in records[: (batches + 1) * BATCH_SIZE]
+    ]
+    torch.manual_seed(SEED)
+    model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules=LORA["target_modules"],
+        ),
+    )
+    model.train()
+    collators = {
+        "packed": DataCollatorWithFlattening(return_position_ids=True),
+        "padded": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    }
+    times: dict[str, list[float]] = {name: [] for name in collators}
+    tokens = 0
+    for i in range(batches + 1):  # batch 0 warms up both paths
+        chunk = rows[i * BATCH_SIZE : (i + 1) * BATCH_SIZE]
+        order = list(collators) if i % 2 else list(reversed(collators))
+        for name in order:
+            started = time.perf_counter()
+            batch = collators[name](chunk)
+            model(**batch, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+            if i:
+                times[name].append(time.perf_counter() - started)
+        if i:
+            tokens += sum(len(r["input_ids"]) for r in chunk)
+    ratios = [b / a for a, b in zip(times["packed"], times["padded"], strict=True)]
+    return {
+        "batches": batches,
+        "packed": tokens / sum(times["packed"]),
+        "padded": tokens / sum(times["padded"]),
+        "median_ratio": statistics.median(ratios),
+    }
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+
+
+# Ways to turn a run into tokens/s; every one divides the same real-token count.
+MEASURES: dict[str, tuple[str, Any]] = {
+    "wall": ("training phase wall time", lambda r: r["seconds"]),
+    "no_eval": ("wall time minus validation", lambda r: r["seconds"] - r["eval_seconds"]),
+}
+
+
+def _rate(run: dict[str, Any], measure: str = "wall") -> float:
+    return run["tokens"] / MEASURES[measure][1](run)
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side (default 2)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench", help="default out/bench")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=30,
+        help="batches of the in-process packed/padded step comparison at the end (default 30)",
+    )
+    parser.add_argument("--adapterdeck-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.adapterdeck_run:
+        adapterdeck_child(opts.adapterdeck_run, opts.result)
+        return 0
+    if opts.baseline_run:
+        baseline(opts.baseline_run, opts.result)
+        return 0
+
+    from adapterdeck.core.basemodel import build_base_model
+
+    t0 = time.monotonic()
+    workdir = opts.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"load average (1/5/15 min) at the start: {_load()} on {os.cpu_count()} CPUs", flush=True)
+    print(f"workdir {workdir}: building the offline base and the data (seed {SEED})", flush=True)
+    build_base_model(workdir / "base", seed=SEED)
+    files = make_data(workdir, SEED)
+    cfg = write_config(workdir, files, opts.steps, SEED)
+    sizes = {k: len(_read_jsonl(v)) for k, v in files.items()}
+    eval_steps = eval_steps_for(opts.steps)
+    print(
+        f"data: {', '.join(f'{k} {v}' for k, v in sizes.items())} examples; "
+        f"lora r {LORA['r']}, batch {BATCH_SIZE}, {opts.steps} steps, lr {LEARNING_RATE}, seed {SEED}",
+        flush=True,
+    )
+    print(
+        f"same work on both sides: validation loss every {eval_steps} steps, a checkpoint every "
+        f"{eval_steps} steps, the best one reloaded at the end; early stopping off (fixed step count)",
+        flush=True,
+    )
+
+    sides = {"adapterdeck": run_adapterdeck, "baseline": run_baseline}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    for i in range(opts.repeats):
+        order = list(sides) if i % 2 == 0 else list(reversed(sides))  # A B, B A, A B, ...
+        for name in order:
+            load_before = os.getloadavg()[0]
+            run = sides[name](cfg, workdir)
+            runs[name].append(run)
+            print(
+                f"  run {i + 1} {name:<11} {run['seconds']:6.1f} s {_rate(run):6.0f} tokens/s | "
+                f"validation {run['eval_seconds']:5.1f} s | median step {run['median_step'] * 1000:5.0f} ms "
+                f"| CPU {run['cpu_seconds']:6.1f} s | last loss {run['final_loss']:.3f} "
+                f"| load before {load_before:.1f}",
+                flush=True,
+            )
+
+    ad, base = runs["adapterdeck"], runs["baseline"]
+    counts = sorted({r["tokens"] for r in ad + base})
+    same = "the same" if len(counts) == 1 else f"DIFFERENT ({counts})"
+    if any(r["tokens_collated"] != r["tokens"] for r in base):
+        print("note: the baseline's collated and counted tokens differ:")
+        print("  ", [(r["tokens_collated"], r["tokens"]) for r in base])
+    padding_share = 1 - sum(r["tokens_collated"] for r in base) / sum(r["padded_tokens"] for r in base)
+    print()
+    print(f"both sides trained on {same} real tokens per run: {counts[0]} in {ad[0]['steps']} steps")
+    print(f"{'tokens/s = real training tokens / ...':44}{'adapterdeck':>12}{'baseline':>10}{'ratio':>7}")
+
+    def row(label: str, ad_rate: float, base_rate: float) -> None:
+        print(f"  {label:42}{ad_rate:12.0f}{base_rate:10.0f}{ad_rate / base_rate:7.2f}")
+
+    for key, (label, _seconds) in MEASURES.items():
+        med = {name: statistics.median(_rate(r, key) for r in rs) for name, rs in runs.items()}
+        row(f"median, {label}", med["adapterdeck"], med["baseline"])
+        if key == "wall":
+            # The least disturbed run of each side: other load only ever slows a run down.
+            row(f"best run, {label}", max(_rate(r) for r in ad), max(_rate(r) for r in base))
+    # Each A/B pair ran back to back, under about the same load: its ratio drifts less.
+    pairs = [_rate(a) / _rate(b) for a, b in zip(ad, base, strict=True)]
+    print(
+        f"  {'median ratio of back-to-back pairs, wall':64}{statistics.median(pairs):7.2f}"
+        f"  ({', '.join(f'{x:.2f}' for x in pairs)})"
+    )
+    print(
+        f"padding share of the baseline's training batches: {padding_share:.1%}; "
+        f"adapterdeck packing: {'on, no padding' if ad[0]['packing'] else 'off'}"
+    )
+    print()
+    print(
+        f"interleaved in one process, {opts.micro_batches} training batches, forward + backward:", flush=True
+    )
+    micro = interleaved_steps(cfg, opts.micro_batches)
+    print(
+        f"  packed (adapterdeck) {micro['packed']:.0f} tokens/s, padded (baseline) {micro['padded']:.0f} "
+        f"tokens/s; median per-batch ratio padded time / packed time {micro['median_ratio']:.2f}"
+    )
+    print(
+        f"load average (1/5/15 min) at the end: {_load()} on {os.cpu_count()} CPUs; "
+        f"{time.monotonic() - t0:.0f} s in all"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
