@@ -497,6 +497,31 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
+    def materialize(self, info: VersionInfo, cache: Path) -> Path:
+        """The version's files in ``cache/<manifest sha256>``: copied once, visible only when complete.
+
+        Several processes may materialize the same version at once; each copies into a temporary
+        directory and the first rename wins (the copies are identical).
+        """
+        if not info.files:
+            info = self.show(info.ref)
+        target = cache / info.manifest_sha256
+        if (target / "adapter_config.json").exists():
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{info.manifest_sha256}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir()
+        try:
+            for f in info.files:
+                self.store.get_file(f["sha256"], tmp / f["path"])
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process finished first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
     def gc(self, grace_seconds: float = 3600) -> dict[str, int]:
         """Remove blobs no version references, older than ``grace_seconds`` (a publish may be in flight)."""
         with self.engine.connect() as conn:

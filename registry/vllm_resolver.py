@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +77,7 @@ class AdapterdeckResolver:
         if info.base_fingerprint != self._base_fingerprint(base_model_name):
             logger.warning("refusing %s: it was published for another base (%s)", lora_name, base_model_name)
             return None
-        target = cache_dir() / info.manifest_sha256
-        if not (target / "adapter_config.json").exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            tmp.mkdir()
-            try:
-                for f in info.files:
-                    registry.store.get_file(f["sha256"], tmp / f["path"])
-                try:
-                    os.replace(tmp, target)
-                except OSError:  # another process materialized it first: theirs is identical
-                    pass
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(target)
+        return str(registry.materialize(info, cache_dir()))
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         from vllm.lora.request import LoRARequest

@@ -19,7 +19,6 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from adapterdeck.core.basemodel import load_tokenizer, render_chat
@@ -117,15 +116,7 @@ class PeftEngine:
         from peft import PeftModel
 
         started = time.monotonic()
-        info = self.registry.show(ref)
-        target = cache_dir() / info.manifest_sha256
-        if not (target / "adapter_config.json").exists():
-            tmp = Path(f"{target}.{uuid.uuid4().hex}.tmp")
-            self.registry.pull(ref, tmp)
-            try:
-                tmp.rename(target)
-            except OSError:
-                pass
+        target = self.registry.materialize(self.registry.show(ref), cache_dir())
         name = "a" + hashlib.sha256(ref.encode()).hexdigest()[:16]
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(target), adapter_name=name)
