@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,32 +47,29 @@ class BlobStore:
     def has(self, sha: str) -> bool:
         return self.fs.exists(self.path(sha))
 
+    def _place(self, target: str, write: Callable[[str], None]) -> None:
+        """Write ``target`` with ``write(path)``: locally through a temporary name renamed into place."""
+        if not self.local:
+            write(target)  # an object store makes a PUT visible whole
+            return
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+        write(tmp)
+        os.replace(tmp, target)
+
     def put_file(self, local: str | Path, sha: str) -> bool:
         """Store a file under its digest; False when it was already there."""
         target = self.path(sha)
         if self.fs.exists(target):
             return False
-        if self.local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            self.fs.put_file(str(local), tmp)
-            os.replace(tmp, target)
-        else:
-            self.fs.put_file(str(local), target)
+        self._place(target, lambda path: self.fs.put_file(str(local), path))
         return True
 
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
-        if self.fs.exists(target):
-            return sha
-        if self.local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).write_bytes(data)
-            os.replace(tmp, target)
-        else:
-            self.fs.pipe_file(target, data)
+        if not self.fs.exists(target):
+            self._place(target, lambda path: self.fs.pipe_file(path, data))
         return sha
 
     def get_bytes(self, sha: str) -> bytes:
