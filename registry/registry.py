@@ -460,6 +460,8 @@ class Registry:
 
     def delete(self, ref: str) -> None:
         """Delete ``tenant/name@N``; refused while an alias points at it. Its blobs go at the next gc."""
+        from adapterdeck.registry.experiments import Experiments
+
         parsed = parse_ref(ref)
         if parsed.version is None:
             raise AdapterdeckError(f"{ref}: delete takes an exact version, tenant/name@N")
@@ -470,6 +472,12 @@ class Registry:
                 select(t.aliases.c.alias).where(t.aliases.c.version_id == version_id)
             ).scalars()
             names = sorted(pointing)
+            experiments = Experiments(self).pinned_by(conn, info.ref)
+            if experiments:
+                raise Conflict(
+                    f"cannot delete {info.ref}: the running experiment on {', '.join(experiments)} "
+                    "serves it; stop or promote the experiment first"
+                )
             if names:
                 listed = ", ".join(f"{info.tenant}/{info.name}:{a}" for a in names)
                 raise Conflict(f"cannot delete {info.ref}: {listed} point(s) at it; move the alias first")

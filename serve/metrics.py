@@ -1,4 +1,5 @@
-"""Prometheus metrics of the gateway, labelled by tenant, adapter ref and engine."""
+"""Prometheus metrics of the gateway, labelled by tenant, adapter ref and engine, and for requests an
+A/B experiment routed, by the experiment (its public name) and the variant (empty otherwise)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ("tenant", "model", "engine")
+        labels = ("tenant", "model", "engine", "experiment", "variant")
         self.requests = Counter(
             "adapterdeck_requests",
             "Requests by outcome",
@@ -44,5 +45,20 @@ class Metrics:
             "Latency of the first request to an adapter an engine had not loaded",
             ("engine",),
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_requests = Counter(
+            "adapterdeck_shadow_requests",
+            "Copies of experiment traffic sent to a shadow variant (never returned to clients)",
+            ("experiment", "variant", "status"),
+            registry=self.registry,
+        )
+        self.feedback = Counter(
+            "adapterdeck_feedback", "Feedback received", ("experiment", "variant"), registry=self.registry
+        )
+        self.feedback_score = Counter(
+            "adapterdeck_feedback_score",
+            "Sum of the feedback scores (thumbs up 1, down 0)",
+            ("experiment", "variant"),
             registry=self.registry,
         )

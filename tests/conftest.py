@@ -59,11 +59,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real vLLM OpenAI server (the CPU build) serving the demo base; yields its base URL."""
+def vllm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The registry home whose adapters ``vllm_server`` resolves (through adapterdeck's vLLM plugin)."""
+    return tmp_path_factory.mktemp("vllm-home")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(base_model: Path, vllm_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real vLLM OpenAI server (the CPU build) serving the demo base; yields its base URL.
+
+    Its adapter resolver reads the registry at ``vllm_home``, so gateways started with ``--vllm-url``
+    and that home serve adapters through it."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
+        "ADAPTERDECK_HOME": str(vllm_home),
+    }
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(base_model), "--host", "127.0.0.1", "--port", str(port),

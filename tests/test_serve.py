@@ -300,8 +300,8 @@ def test_metrics_and_health(serving: Serving) -> None:
     chat(serving.client("globex"), "globex/sentiment", PROMPTS[4])
     text = httpx.get(f"{serving.url}/metrics", timeout=10).text
     assert (
-        'adapterdeck_requests_total{endpoint="/v1/chat/completions",engine="vllm",model="globex/sentiment@1",status="200",tenant="globex"}'
-        in text
+        'adapterdeck_requests_total{endpoint="/v1/chat/completions",engine="vllm",experiment="",'
+        'model="globex/sentiment@1",status="200",tenant="globex",variant=""}' in text
     )
     for name in (
         "adapterdeck_request_latency_seconds_bucket",
