@@ -26,7 +26,7 @@ from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller
 
 logger = logging.getLogger("adapterdeck.serve.experiments")
-REFRESH = 0.5
+REFRESH = 0.25
 FLUSH = 0.5
 SHADOW_CONCURRENCY = 16
 MAX_PENDING = 100_000
