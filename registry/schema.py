@@ -115,3 +115,90 @@ api_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
 )
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+# Uploaded training files, fine-tuning jobs with their events and checkpoints (OpenAI's API shape;
+# see registry/finetune.py). ``seq`` orders rows for cursor pagination; ``id`` is the public id.
+
+ft_files = Table(
+    "ft_files",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id"), nullable=False, index=True),
+    Column("filename", String(255), nullable=False),
+    # fine-tune (uploaded) or fine-tune-results (a job's report).
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    # What validation found: the data format and the number of examples.
+    Column("format", String(64)),
+    Column("examples", Integer),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+ft_jobs = Table(
+    "ft_jobs",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("id", String(40), nullable=False, unique=True),
+    Column("tenant_id", Integer, ForeignKey("tenants.id"), nullable=False, index=True),
+    # validating_files, queued, running, succeeded, failed or cancelled.
+    Column("status", String(24), nullable=False, index=True),
+    # The base's served name, and the base as the gateway loads it (a directory or a hub id).
+    Column("model", Text, nullable=False),
+    Column("base", Text, nullable=False),
+    Column("training_file", String(40), nullable=False),
+    Column("validation_file", String(40)),
+    Column("suffix", String(64)),
+    Column("seed", Integer, nullable=False),
+    # n_epochs, batch_size, learning_rate_multiplier: as asked ("auto" allowed), resolved at start.
+    Column("hyperparameters", JSON, nullable=False),
+    # The method plugin and its parameters ({"name": "lora", "r": 8}), and the evaluators.
+    Column("adapter_method", JSON, nullable=False),
+    Column("evaluators", JSON, nullable=False),
+    Column("user_metadata", JSON),
+    Column("fine_tuned_model", String(255), unique=True),
+    # The immutable registry ref the fine-tuned model name stands for.
+    Column("result_ref", String(200)),
+    Column("result_files", JSON, nullable=False),
+    Column("trained_tokens", BigInteger),
+    Column("error", JSON),
+    # Claiming and recovery: who runs it, until when its lease holds, how many tries so far.
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("worker_id", String(200)),
+    Column("heartbeat_at", DateTime(timezone=True)),
+    Column("lease_expires_at", DateTime(timezone=True)),
+    # Set once the worker starts publishing the result: from then on a cancel is refused.
+    Column("publishing", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("estimated_finish", DateTime(timezone=True)),
+)
+
+ft_job_events = Table(
+    "ft_job_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", String(40), ForeignKey("ft_jobs.id"), nullable=False, index=True),
+    Column("level", String(8), nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("data", JSON),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+ft_checkpoints = Table(
+    "ft_checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", String(40), ForeignKey("ft_jobs.id"), nullable=False, index=True),
+    Column("step", Integer, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    # ft:BASE:TENANT:SUFFIX:ID:ckpt-step-N, served as the registry version ``ref``.
+    Column("name", String(255), nullable=False, unique=True),
+    Column("ref", String(200), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,13 +1,18 @@
-"""``adapterdeck serve`` and ``adapterdeck tenant ...``."""
+"""``adapterdeck serve``, ``adapterdeck worker`` and ``adapterdeck tenant ...``."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from adapterdeck.registry import Registry
+    from adapterdeck.serve.settings import ServeSettings
+    from adapterdeck.serve.worker import LocalWorkers
 
 out = Console(soft_wrap=True)
 tenant_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
@@ -34,6 +39,9 @@ def serve(
     dtype: Annotated[
         str | None, typer.Option(help="vLLM --dtype (auto: bf16 on most CPUs and GPUs).")
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Fine-tuning workers to start here (default 1; 0: none).")
+    ] = None,
 ) -> None:
     """Serve the base and every adapter in the registry behind an OpenAI-compatible API."""
     import uvicorn
@@ -52,6 +60,7 @@ def serve(
             "vllm.port": vllm_port,
             "vllm.max_model_len": max_model_len,
             "vllm.dtype": dtype,
+            "finetune.workers": workers,
         },
     )
     location = settings.registry
@@ -60,14 +69,85 @@ def serve(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
     app = create_app(settings, registry, log_dir=registry.settings.home.expanduser() / "logs")
     out.print(f"serving {settings.base_name()} on http://{settings.host}:{settings.port}/v1")
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        access_log=False,  # a log line per request costs more than the gateway's own work
-        timeout_graceful_shutdown=30,
+    local_workers = _start_local_workers(settings, registry)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,  # a log line per request costs more than the gateway's own work
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if local_workers is not None:
+            local_workers.stop()
+
+
+def _start_local_workers(settings: ServeSettings, registry: Registry) -> LocalWorkers | None:
+    """``settings.finetune.workers`` fine-tuning workers on this machine, on the gateway's registry."""
+    from adapterdeck.serve.worker import LocalWorkers
+
+    if not settings.finetune.workers:
+        return None
+    location = registry.settings
+    env = {
+        "ADAPTERDECK_HOME": str(location.home),
+        "ADAPTERDECK_DATABASE_URL": location.resolved_database_url(),
+        "ADAPTERDECK_STORAGE_URL": location.resolved_storage_url(),
+    }
+    workers = LocalWorkers(settings, env, location.home.expanduser() / "logs")
+    workers.start()
+    out.print(f"{settings.finetune.workers} fine-tuning worker(s) started (logs: {workers.log_dir})")
+    return workers
+
+
+def worker(
+    config: Annotated[
+        Path | None, typer.Option(help="YAML settings file (the one `serve` reads); flags override it.")
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(help="Train only jobs for this base (local dir or hub id); default: each job's base."),
+    ] = None,
+    served_name: Annotated[
+        str | None, typer.Option(help="The base's model name on the API, when not derived from --base.")
+    ] = None,
+    settings_json: Annotated[str | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Run queued fine-tuning jobs from the registry, one at a time, until stopped (Ctrl-C, SIGTERM)."""
+    import signal
+
+    from adapterdeck.serve.settings import WorkerSettings, load_serve_settings
+    from adapterdeck.serve.worker import Worker, die_with_parent
+
+    die_with_parent()
+    if settings_json is not None:  # from `adapterdeck serve`: its exact settings
+        settings = WorkerSettings.model_validate_json(settings_json)
+    else:
+        settings = load_serve_settings(
+            config, {"base": base, "served_name": served_name}, model=WorkerSettings
+        )
+    location = settings.registry
+    registry = _registry(location.home, location.database_url, location.storage_url)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    runner = Worker(
+        registry,
+        settings.finetune,
+        base=settings.base,
+        base_name=settings.base_name() if settings.base else None,
     )
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("adapterdeck.worker").info("stopping (signal %d)", signum)
+        runner.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        runner.run()
+    finally:
+        registry.close()
 
 
 @tenant_app.command("create")

@@ -38,6 +38,8 @@ from adapterdeck.serve.errors import (
     unauthorized,
     unavailable,
 )
+from adapterdeck.serve.finetune import fine_tuned_models, fine_tuned_ref
+from adapterdeck.serve.finetune import router as finetune_router
 from adapterdeck.serve.metrics import Metrics
 from adapterdeck.serve.settings import ServeSettings
 from adapterdeck.serve.vllm_process import VllmSupervisor
@@ -119,6 +121,8 @@ class Gateway:
             raise bad_request(
                 "'model' is required: the base, tenant/name, tenant/name@N or tenant/name:alias", "model"
             )
+        if model.startswith("ft:"):  # a fine-tuning job's result: its immutable ref
+            model = await asyncio.to_thread(fine_tuned_ref, self.registry, model, principal)
         base_name = self.settings.base_name()
         if model in (base_name, self.settings.base):
             return Target(None, ENGINE_VLLM, base_name, principal.tenant or "admin")
@@ -383,6 +387,7 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
             names = [row["adapter"], *(f"{row['adapter']}@{v}" for v in row["versions"])]
             names += [f"{row['adapter']}:{a}" for a in sorted(row["aliases"])]
             data += [{"id": n, "object": "model", "created": 0, "owned_by": row["tenant"]} for n in names]
+        data += await asyncio.to_thread(fine_tuned_models, registry, who)
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
@@ -432,4 +437,5 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, version)
         return info.to_dict()
 
+    app.include_router(finetune_router)
     return app

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -37,6 +37,19 @@ class RegistryLocation(Strict):
     storage_url: str | None = None
 
 
+class FineTuneSettings(Strict):
+    workers: int = Field(1, ge=0, description="fine-tuning workers `adapterdeck serve` starts here (0: none)")
+    max_file_bytes: int = Field(512 * 1024**2, ge=1, description="largest training file accepted, in bytes")
+    heartbeat_seconds: float = Field(2.0, gt=0, description="how often a worker renews its job's lease")
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a job whose worker has not heartbeated this long is requeued or failed"
+    )
+    max_attempts: int = Field(2, ge=1, description="tries of a job whose workers keep dying, then failed")
+    poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for queued jobs")
+    stop_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL of a stopped training")
+    workdir: Path | None = Field(None, description="where workers train; default: <registry home>/finetune")
+
+
 class ServeSettings(Strict):
     base: str = Field(description="the base model: local directory or hub id")
     served_name: str | None = Field(None, description="the name clients use for the base; default: derived")
@@ -46,6 +59,7 @@ class ServeSettings(Strict):
     registry: RegistryLocation = Field(default_factory=RegistryLocation)
     peft_max_batch: int = Field(8, ge=1, description="embedded PEFT engine: requests per batch")
     peft_batch_wait_ms: float = Field(10, ge=0, description="embedded PEFT engine: wait to fill a batch")
+    finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
 
     def base_name(self) -> str:
         """The model name of the base on the API: the hub id, or a local directory's name."""
@@ -55,7 +69,21 @@ class ServeSettings(Strict):
         return path.name if path.exists() else self.base
 
 
-def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> ServeSettings:
+class WorkerSettings(ServeSettings):
+    """``adapterdeck worker`` reads the same file as ``serve``; without a base it trains each job on
+    the base the gateway recorded, with one it takes only jobs for that base's served name."""
+
+    base: str | None = None  # type: ignore[assignment]
+
+
+S = TypeVar("S", bound=ServeSettings)
+
+
+def load_serve_settings(
+    config_file: Path | None,
+    overrides: dict[str, Any],
+    model: type[S] = ServeSettings,  # type: ignore[assignment]
+) -> S:
     data: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -71,7 +99,7 @@ def load_serve_settings(config_file: Path | None, overrides: dict[str, Any]) -> 
             node = node.setdefault(p, {})
         node[last] = value
     try:
-        return ServeSettings.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
         raise AdapterdeckError(f"{config_file or 'serve settings'}:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,527 @@
+"""The OpenAI fine-tuning API: ``/v1/files`` and ``/v1/fine_tuning/jobs``, scoped to the caller's tenant.
+
+A training file is validated when it is uploaded, with the checks of ``adapterdeck data validate
+--base`` (the served base's tokenizer and context length); a bad file is refused with every bad
+line by number. A job names the served base as its ``model``; workers (``serve/worker.py``) run
+it. Another tenant's file, job or fine-tuned model gets the same 404 as a missing one. An admin
+key reads, cancels and deletes everyone's, but only a tenant creates files and jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry import NotFound, Registry
+from adapterdeck.registry.finetune import (
+    PURPOSE_TRAINING,
+    FileRecord,
+    FineTuning,
+    JobRecord,
+    epoch,
+    resolve_fine_tuned,
+)
+from adapterdeck.registry.registry import Conflict
+from adapterdeck.registry.tenants import Principal
+from adapterdeck.serve.errors import ApiError, bad_request, forbidden, model_not_found
+from adapterdeck.serve.settings import ServeSettings
+from adapterdeck.serve.worker import MIN_TRAINING_EXAMPLES, check_job_config
+
+logger = logging.getLogger("adapterdeck.serve")
+router = APIRouter()
+CHUNK = 1 << 20
+SHOWN_ERRORS = 50
+
+
+async def _principal(request: Request) -> Principal:
+    return await request.app.state.gateway.principal(request)
+
+
+Caller = Annotated[Principal, Depends(_principal)]
+
+
+# -- request bodies -----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _auto_or(kind: type, low: float, high: float) -> Any:
+    """A hyperparameter: "auto", or a number of ``kind`` in ``(low, high]`` (ints: ``[low, high]``)."""
+
+    def check(value: Any) -> Any:
+        if value == "auto":
+            return value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and kind is int and float(value).is_integer() and low <= value <= high:
+            return int(value)
+        if number and kind is float and low < value <= high:
+            return float(value)
+        span = (
+            f"an integer from {low:g} to {high:g}"
+            if kind is int
+            else f"a number above {low:g}, at most {high:g}"
+        )
+        raise ValueError(f"expected 'auto' or {span}, got {value!r}")
+
+    return Annotated[Any, AfterValidator(check)]
+
+
+class Hyperparameters(_Strict):
+    n_epochs: _auto_or(int, 1, 100) = "auto"  # type: ignore[valid-type]
+    batch_size: _auto_or(int, 1, 256) = "auto"  # type: ignore[valid-type]
+    learning_rate_multiplier: _auto_or(float, 0, 100) = "auto"  # type: ignore[valid-type]
+
+
+class Supervised(_Strict):
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(_Strict):
+    type: Literal["supervised"]
+    supervised: Supervised | None = None
+
+
+class AdapterdeckOptions(_Strict):
+    """adapterdeck's extension of a job: the method plugin, its parameters and the evaluators."""
+
+    method: str = "lora"
+    params: dict[str, Any] = Field(default_factory=dict)
+    evaluators: list[str] = Field(default_factory=lambda: ["loss", "exact_match"])
+
+
+class JobCreate(_Strict):
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    integrations: list[Any] | None = None
+    adapterdeck: AdapterdeckOptions = Field(default_factory=AdapterdeckOptions)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _state(request: Request) -> tuple[ServeSettings, FineTuning]:
+    gateway = request.app.state.gateway
+    jobs = getattr(request.app.state, "fine_tuning", None)
+    if jobs is None:
+        jobs = request.app.state.fine_tuning = FineTuning(gateway.registry)
+    return gateway.settings, jobs
+
+
+def _scope(who: Principal) -> str | None:
+    return None if who.is_admin else who.tenant
+
+
+def _tenant_only(who: Principal, what: str) -> str:
+    if who.tenant is None:
+        raise forbidden(f"{what} belong to a tenant: use the tenant's API key.")
+    return who.tenant
+
+
+def _not_found(kind: str, object_id: str, param: str) -> ApiError:
+    return ApiError(
+        404, f"No such {kind}: {object_id}", "invalid_request_error", code="not_found", param=param
+    )
+
+
+def _limit(value: int) -> int:
+    if not 1 <= value <= 100:
+        raise bad_request("'limit' must be between 1 and 100.", "limit")
+    return value
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "object": "file",
+        "bytes": record.bytes,
+        "created_at": epoch(record.created_at),
+        "filename": record.filename,
+        "purpose": record.purpose,
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+    }
+
+
+def job_object(job: JobRecord) -> dict[str, Any]:
+    hyper = {k: job.hyperparameters.get(k, "auto") for k in Hyperparameters.model_fields}
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": epoch(job.created_at),
+        "error": job.error,
+        "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": epoch(job.finished_at),
+        "hyperparameters": hyper,
+        "model": job.model,
+        "organization_id": job.tenant,
+        "result_files": job.result_files,
+        "seed": job.seed,
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "estimated_finish": epoch(job.estimated_finish),
+        "integrations": [],
+        "metadata": job.user_metadata,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "user_provided_suffix": job.suffix,
+        "adapterdeck": {
+            "method": job.adapter_method,
+            "evaluators": job.evaluators,
+            "attempts": job.attempts,
+            "max_attempts": job.max_attempts,
+            "adapter": job.adapter,
+            "ref": job.result_ref,
+        },
+    }
+
+
+@lru_cache(maxsize=4)
+def _token_limits(base: str) -> tuple[Any, int | None]:
+    """The base's token counter and context length: uploads are checked as ``data validate --base``."""
+    from adapterdeck.core.basemodel import context_length, load_tokenizer, token_counter
+
+    return token_counter(load_tokenizer(base)), context_length(base)
+
+
+def _validate_upload(path: Path, filename: str, base: str) -> tuple[str | None, int]:
+    """Validate an uploaded file like ``adapterdeck data validate --base``; every bad line is named."""
+    from adapterdeck.core.dataset import validate_file
+
+    try:
+        counter, limit = _token_limits(base)
+    except AdapterdeckError as exc:  # a hub base that cannot be loaded here: check all but the lengths
+        logger.warning("uploads are validated without token counts: %s", exc)
+        counter, limit = None, None
+    report = validate_file(path, token_counter=counter, max_tokens=limit)
+    if not report.ok:
+        shown = "\n".join(f"  {e}" for e in report.errors[:SHOWN_ERRORS])
+        more = len(report.errors) - SHOWN_ERRORS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise ApiError(
+            400,
+            f"{filename}: {len(report.errors)} bad line(s); fix them and upload again:\n{shown}{tail}",
+            "invalid_request_error",
+            code="invalid_file",
+            param="file",
+        )
+    return report.format, len(report.examples)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+@router.post("/v1/files")
+async def create_file(
+    request: Request, who: Caller, file: UploadFile, purpose: Annotated[str, Form()]
+) -> dict[str, Any]:
+    settings, jobs = _state(request)
+    tenant = _tenant_only(who, "Files")
+    if purpose != PURPOSE_TRAINING:
+        raise bad_request(f"purpose {purpose!r} is not supported here; use 'fine-tune'.", "purpose")
+    limit = settings.finetune.max_file_bytes
+    filename = Path(file.filename or "").name or "upload.jsonl"
+    with tempfile.TemporaryDirectory(prefix="adapterdeck-upload-") as tmp:
+        path = Path(tmp) / "upload.jsonl"
+        size = 0
+        with path.open("wb") as out:
+            while chunk := await file.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(
+                        413,
+                        f"{filename} is larger than the limit of {limit:,} bytes.",
+                        "invalid_request_error",
+                        code="file_too_large",
+                        param="file",
+                    )
+                out.write(chunk)
+        fmt, examples = await asyncio.to_thread(_validate_upload, path, filename, settings.base)
+        record = await asyncio.to_thread(
+            jobs.add_file, tenant, filename, purpose, path=path, format=fmt, examples=examples
+        )
+    return file_object(record)
+
+
+@router.get("/v1/files")
+async def list_files(
+    request: Request,
+    who: Caller,
+    purpose: str | None = None,
+    limit: int = 10000,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> dict[str, Any]:
+    _, jobs = _state(request)
+    if not 1 <= limit <= 10000:
+        raise bad_request("'limit' must be between 1 and 10000.", "limit")
+    try:
+        page = await asyncio.to_thread(
+            jobs.list_files, _scope(who), purpose=purpose, after=after, limit=limit, order=order
+        )
+    except NotFound:
+        raise _not_found("file", after or "", "after") from None
+    data = [file_object(r) for r in page.items]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": page.has_more,
+    }
+
+
+async def _file(request: Request, who: Principal, file_id: str) -> FileRecord:
+    _, jobs = _state(request)
+    try:
+        return await asyncio.to_thread(jobs.get_file, file_id, _scope(who))
+    except NotFound:
+        raise _not_found("file", file_id, "file_id") from None
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(request: Request, who: Caller, file_id: str) -> dict[str, Any]:
+    return file_object(await _file(request, who, file_id))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(request: Request, who: Caller, file_id: str) -> Response:
+    record = await _file(request, who, file_id)
+    _, jobs = _state(request)
+    data = await asyncio.to_thread(jobs.file_content, record)
+    media = "text/csv" if record.filename.endswith(".csv") else "application/octet-stream"
+    return Response(data, media_type=media)
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(request: Request, who: Caller, file_id: str) -> dict[str, Any]:
+    record = await _file(request, who, file_id)
+    _, jobs = _state(request)
+    await asyncio.to_thread(jobs.delete_file, record.id, _scope(who))
+    return {"id": record.id, "object": "file", "deleted": True}
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def _training_file(jobs: FineTuning, tenant: str, file_id: str, param: str) -> FileRecord:
+    try:
+        record = jobs.get_file(file_id, tenant)
+    except NotFound:
+        raise bad_request(f"invalid {param}: no file {file_id}", param) from None
+    if record.purpose != PURPOSE_TRAINING:
+        raise bad_request(
+            f"invalid {param}: {file_id} has purpose {record.purpose!r}, not 'fine-tune'", param
+        )
+    return record
+
+
+def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: JobCreate) -> JobRecord:
+    base_name = settings.base_name()
+    if body.model not in (base_name, settings.base):
+        if body.model.startswith("ft:"):
+            raise bad_request(
+                f"fine-tuning a fine-tuned model is not supported; use the base {base_name!r}", "model"
+            )
+        raise model_not_found(body.model)
+    if body.integrations:
+        raise bad_request("integrations are not supported.", "integrations")
+    if body.method is not None and body.hyperparameters is not None:
+        raise bad_request(
+            "give the hyperparameters in method.supervised, not also at the top level.", "hyperparameters"
+        )
+    hyper = body.hyperparameters or Hyperparameters()
+    if body.method is not None and body.method.supervised is not None:
+        hyper = body.method.supervised.hyperparameters
+    training = _training_file(jobs, tenant, body.training_file, "training_file")
+    if (training.examples or 0) < MIN_TRAINING_EXAMPLES:
+        raise bad_request(
+            f"invalid training_file: {training.id} has {training.examples} example(s); "
+            f"at least {MIN_TRAINING_EXAMPLES} are needed",
+            "training_file",
+        )
+    if body.validation_file is not None:
+        _training_file(jobs, tenant, body.validation_file, "validation_file")
+    options = body.adapterdeck
+    adapter_method = {"name": options.method, **options.params}
+    hyperparameters = hyper.model_dump()
+    try:
+        check_job_config(
+            base=settings.base,
+            adapter_method=adapter_method,
+            evaluators=options.evaluators,
+            hyperparameters=hyperparameters,
+        )
+    except AdapterdeckError as exc:
+        raise bad_request(str(exc), "adapterdeck") from None
+    job = jobs.create_job(
+        tenant,
+        model=base_name,
+        base=settings.base,
+        training_file=training.id,
+        validation_file=body.validation_file,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else random.randrange(2**31),
+        hyperparameters=hyperparameters,
+        adapter_method=adapter_method,
+        evaluators=options.evaluators,
+        metadata=body.metadata,
+        max_attempts=settings.finetune.max_attempts,
+    )
+    # The files were validated line by line at upload; here they must still be there, whole.
+    for file_id in filter(None, (job.training_file, job.validation_file)):
+        try:
+            jobs.file_content(jobs.get_file(file_id, tenant))
+        except (NotFound, AdapterdeckError) as exc:
+            param = "training_file" if file_id == job.training_file else "validation_file"
+            return jobs.fail_validation(job.id, f"invalid_{param}", f"{file_id}: {exc}", param)
+    return jobs.files_validated(job.id, {"training_examples": training.examples})
+
+
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(request: Request, who: Caller, body: JobCreate) -> dict[str, Any]:
+    settings, jobs = _state(request)
+    tenant = _tenant_only(who, "Fine-tuning jobs")
+    return job_object(await asyncio.to_thread(_create_job, settings, jobs, tenant, body))
+
+
+def _get_job(jobs: FineTuning, who: Principal, job_id: str) -> JobRecord:
+    jobs.sweep()  # a dead worker's job shows as requeued or failed, never as running
+    try:
+        return jobs.get_job(job_id, _scope(who))
+    except NotFound:
+        raise _not_found("fine-tuning job", job_id, "fine_tuning_job_id") from None
+
+
+@router.get("/v1/fine_tuning/jobs")
+async def list_jobs(
+    request: Request, who: Caller, after: str | None = None, limit: Annotated[int, Query()] = 20
+) -> dict[str, Any]:
+    _, jobs = _state(request)
+
+    def page() -> Any:
+        jobs.sweep()
+        return jobs.list_jobs(_scope(who), after=after, limit=_limit(limit))
+
+    try:
+        found = await asyncio.to_thread(page)
+    except NotFound:
+        raise _not_found("fine-tuning job", after or "", "after") from None
+    return {"object": "list", "data": [job_object(j) for j in found.items], "has_more": found.has_more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+async def retrieve_job(request: Request, who: Caller, job_id: str) -> dict[str, Any]:
+    _, jobs = _state(request)
+    return job_object(await asyncio.to_thread(_get_job, jobs, who, job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(request: Request, who: Caller, job_id: str) -> dict[str, Any]:
+    _, jobs = _state(request)
+
+    def cancel() -> JobRecord:
+        job = _get_job(jobs, who, job_id)
+        try:
+            return jobs.cancel_job(job.id, _scope(who))
+        except Conflict as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", code="job_not_cancellable") from None
+
+    return job_object(await asyncio.to_thread(cancel))
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+async def list_events(
+    request: Request, who: Caller, job_id: str, after: str | None = None, limit: int = 20
+) -> dict[str, Any]:
+    _, jobs = _state(request)
+
+    def page() -> Any:
+        job = _get_job(jobs, who, job_id)
+        return jobs.list_events(job.id, after=after, limit=_limit(limit))
+
+    found = await asyncio.to_thread(page)
+    data = [
+        {
+            "id": e.public_id,
+            "object": "fine_tuning.job.event",
+            "created_at": epoch(e.created_at),
+            "level": e.level,
+            "message": e.message,
+            "data": e.data or {},
+            "type": e.type,
+        }
+        for e in found.items
+    ]
+    return {"object": "list", "data": data, "has_more": found.has_more}
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+async def list_checkpoints(
+    request: Request, who: Caller, job_id: str, after: str | None = None, limit: int = 10
+) -> dict[str, Any]:
+    _, jobs = _state(request)
+
+    def page() -> Any:
+        job = _get_job(jobs, who, job_id)
+        return jobs.list_checkpoints(job.id, after=after, limit=_limit(limit))
+
+    found = await asyncio.to_thread(page)
+    data = [
+        {
+            "id": c.public_id,
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": epoch(c.created_at),
+            "fine_tuned_model_checkpoint": c.name,
+            "fine_tuning_job_id": c.job_id,
+            "metrics": {k: v for k, v in c.metrics.items() if v is not None},
+            "step_number": c.step,
+            "adapterdeck": {"ref": c.ref},
+        }
+        for c in found.items
+    ]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": found.has_more,
+    }
+
+
+# -- the gateway's hooks ------------------------------------------------------------------------
+
+
+def fine_tuned_ref(registry: Registry, model: str, who: Principal) -> str:
+    """The immutable ref a fine-tuned model name (``ft:...``) stands for; 404 unless it is the caller's."""
+    try:
+        return resolve_fine_tuned(registry, model, _scope(who))
+    except NotFound:
+        raise model_not_found(model) from None
+
+
+def fine_tuned_models(registry: Registry, who: Principal) -> list[dict[str, Any]]:
+    """``/v1/models`` entries for the caller's fine-tuned models and checkpoints."""
+    return [
+        {"id": name, "object": "model", "created": epoch(created), "owned_by": tenant}
+        for name, tenant, created in FineTuning(registry).models(_scope(who))
+    ]

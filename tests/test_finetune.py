@@ -1,0 +1,539 @@
+"""The OpenAI fine-tuning API, end to end: a real `adapterdeck serve` (gateway, vLLM CPU build, one
+local fine-tuning worker) on a real SQLite registry, driven only by the official `openai` client;
+cancellation and a SIGKILLed worker against real processes; job claiming by concurrent worker
+processes on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+from sqlalchemy import inspect
+
+from adapterdeck.core.demo import SENTIMENT_SYSTEM, sentiment_record, write_demo_dataset
+from adapterdeck.registry import Registry, RegistrySettings
+from adapterdeck.registry import schema as t
+from adapterdeck.registry.finetune import FineTuning
+from adapterdeck.registry.tenants import create_key
+
+from .conftest import free_port
+from .registry_helpers import postgres_database
+
+LABELS = {"positive", "negative", "mixed"}
+FT_TABLES = ("ft_files", "ft_jobs", "ft_job_events", "ft_checkpoints")
+# The demo's learning rate (3e-3) as a multiple of LoRA's default (2e-4).
+HYPER = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 15}
+LORA = {"adapterdeck": {"method": "lora", "params": {"r": 8}, "evaluators": ["loss", "exact_match"]}}
+
+
+@dataclass
+class Stack:
+    url: str
+    registry: Registry
+    ft: FineTuning
+    keys: dict[str, str]
+    proc: subprocess.Popen
+    log: Path
+    data: Path
+
+    def client(self, who: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0, timeout=120)
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=10).json()
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str, log: Path | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (httpx.HTTPError, KeyError, ValueError, openai.APIConnectionError):
+            pass
+        time.sleep(0.25)
+    tail = log.read_text()[-4000:] if log is not None else ""
+    raise AssertionError(f"{what}: not within {timeout} s\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def stack(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("finetune")
+    home = root / "home"
+    registry = Registry(RegistrySettings(home=home))
+    keys = {
+        "acme": create_key(registry, "acme"),
+        "globex": create_key(registry, "globex"),
+        "admin": create_key(registry, None),
+    }
+    config = root / "serve.yaml"
+    # Short heartbeats and leases, so a dead worker is noticed within seconds here.
+    finetune = {"workers": 1, "heartbeat_seconds": 0.5, "lease_seconds": 4, "poll_seconds": 0.5,
+                "max_attempts": 2, "max_file_bytes": 2_000_000}  # fmt: skip
+    config.write_text(yaml.safe_dump({"finetune": finetune}))
+    port, vllm_port = free_port(), free_port()
+    log = root / "serve.log"
+    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [
+        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
+        "--config", str(config), "--port", str(port), "--vllm-port", str(vllm_port),
+        "--max-model-len", "512", "--served-name", "tiny", "--dtype", "float32",
+    ]  # fmt: skip
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    stack = Stack(f"http://127.0.0.1:{port}", registry, FineTuning(registry), keys, proc, log, root)
+    try:
+        # Only the gateway: vLLM finishes starting while the first job trains.
+        _wait(
+            lambda: httpx.get(f"{stack.url}/health", timeout=5).status_code in (200, 503), 120, "gateway", log
+        )
+        yield stack
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        registry.close()
+
+
+def _reviews(n: int, seed: int) -> list[tuple[str, str]]:
+    rng = random.Random(f"held-out-{seed}")
+    out = []
+    for _ in range(n):
+        messages = sentiment_record(rng)["messages"]
+        out.append((messages[1]["content"], messages[2]["content"]))
+    return out
+
+
+def _ask(client: openai.OpenAI, model: str, review: str) -> Any:
+    return client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": SENTIMENT_SYSTEM}, {"role": "user", "content": review}],
+        max_tokens=8,
+        temperature=0,
+    )
+
+
+def _upload(stack: Stack, who: str, name: str, n: int, seed: int = 0) -> Any:
+    path = write_demo_dataset(stack.data / name, task="sentiment", n=n, seed=seed)
+    with path.open("rb") as fh:
+        return stack.client(who).files.create(file=(name, fh), purpose="fine-tune")
+
+
+def _events(client: openai.OpenAI, job_id: str) -> list[Any]:
+    """Every event, oldest first."""
+    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100))))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.exists() and status.read_text().split(") ", 1)[-1].startswith("Z"))
+
+
+def _long_job(stack: Stack, file_id: str, suffix: str) -> Any:
+    """A job that trains for minutes unless stopped."""
+    return stack.client("acme").fine_tuning.jobs.create(
+        model="tiny",
+        training_file=file_id,
+        suffix=suffix,
+        seed=1,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 100, "batch_size": 4}}},
+        extra_body=LORA,
+    )
+
+
+def _training(client: openai.OpenAI, job_id: str, attempt: int = 1) -> tuple[int, str]:
+    """Once the job's ``attempt``-th training has reported a step: its process id and its worker."""
+
+    def started() -> tuple[int, str] | None:
+        events = _events(client, job_id)
+        starts = [
+            i
+            for i, e in enumerate(events)
+            if e.message.startswith("Training process") and " started" in e.message
+        ]
+        if len(starts) < attempt:
+            return None
+        first = events[starts[attempt - 1]]
+        if not any(e.type == "metrics" for e in events[starts[attempt - 1] :]):
+            return None
+        return first.data["pid"], first.data["worker"]
+
+    return _wait(started, 180, f"training of {job_id}, attempt {attempt}")
+
+
+# -- uploads --------------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_a_malformed_training_file_is_refused_with_its_line_numbers(stack: Stack) -> None:
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    lines = [
+        good,
+        '{"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+        "{not json",
+        good,
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"}]}',
+    ]
+    client = stack.client("acme")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.files.create(file=("bad.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    message = info.value.body["message"]
+    assert message.startswith("bad.jsonl: 4 bad line(s)")
+    for number in (2, 3, 4, 5):
+        assert f"line {number}:" in message, message
+    assert "unknown role 'bot'" in message and "duplicate of line 1" in message
+    assert "invalid JSON" in message and "line 5: no assistant turn" in message
+    assert info.value.body["code"] == "invalid_file" and info.value.body["param"] == "file"
+    # Too long for the base's context (512 tokens in the offline base's config or less): the same
+    # length check as `adapterdeck data validate --base`.
+    long = json.dumps(
+        {"messages": [{"role": "user", "content": "word " * 3000}, {"role": "assistant", "content": "ok"}]}
+    )
+    with pytest.raises(openai.BadRequestError) as info:
+        client.files.create(file=("long.jsonl", (good + "\n" + long + "\n").encode()), purpose="fine-tune")
+    assert "line 2:" in info.value.body["message"] and "over the limit" in info.value.body["message"]
+    assert client.files.list().data == []  # nothing of the refused uploads was kept
+
+
+@pytest.mark.vllm
+def test_upload_limits_and_purpose(stack: Stack) -> None:
+    client = stack.client("acme")
+    record = json.dumps(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    )
+    big = "\n".join(record.replace('"x"', f'"x{i}"') for i in range(30_000)).encode()
+    assert len(big) > 2_000_000
+    with pytest.raises(openai.APIStatusError) as info:
+        client.files.create(file=("big.jsonl", big), purpose="fine-tune")
+    assert info.value.status_code == 413 and info.value.body["code"] == "file_too_large"
+    with pytest.raises(openai.BadRequestError):
+        client.files.create(file=("x.jsonl", record.encode()), purpose="batch")
+    with pytest.raises(openai.PermissionDeniedError):
+        stack.client("admin").files.create(file=("x.jsonl", record.encode()), purpose="fine-tune")
+
+
+@pytest.mark.vllm
+def test_jobs_that_cannot_run_are_refused(stack: Stack) -> None:
+    acme, globex = stack.client("acme"), stack.client("globex")
+    small = _upload(stack, "acme", "small.jsonl", 5)
+    good = _upload(stack, "acme", "refused-jobs.jsonl", 40, seed=5)
+    cases: list[tuple[type[Exception], dict[str, Any], str]] = [
+        (openai.NotFoundError, {"model": "nope"}, "model"),
+        (openai.BadRequestError, {"model": "ft:tiny:acme::abcdefgh"}, "model"),
+        (openai.BadRequestError, {"training_file": "file-nope"}, "training_file"),
+        (openai.BadRequestError, {"training_file": small.id}, "training_file"),
+        (openai.BadRequestError, {"method": {"type": "dpo"}}, "method.type"),
+        (openai.BadRequestError, {"suffix": "no:colons"}, "suffix"),
+        (openai.BadRequestError, {"extra_body": {"adapterdeck": {"method": "nope"}}}, "adapterdeck"),
+        (openai.BadRequestError, {"extra_body": {"adapterdeck": {"params": {"rank": 8}}}}, "adapterdeck"),
+        (openai.BadRequestError, {"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ]
+    for error, change, param in cases:
+        args = {"model": "tiny", "training_file": good.id, **change}
+        with pytest.raises(error) as info:
+            acme.fine_tuning.jobs.create(**args)
+        assert info.value.body["param"] == param, (change, info.value.body)
+    # Another tenant's file is no file at all.
+    with pytest.raises(openai.BadRequestError) as info:
+        globex.fine_tuning.jobs.create(model="tiny", training_file=good.id)
+    assert info.value.body["message"] == f"invalid training_file: no file {good.id}"
+    with pytest.raises(openai.PermissionDeniedError):
+        stack.client("admin").fine_tuning.jobs.create(model="tiny", training_file=good.id)
+    assert acme.fine_tuning.jobs.list().data == []
+
+
+# -- the hosted flow, self-hosted -------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_upload_fine_tune_and_call_the_model_with_the_openai_client(stack: Stack) -> None:
+    started = time.monotonic()
+    acme, globex = stack.client("acme"), stack.client("globex")
+    path = write_demo_dataset(stack.data / "sentiment.jsonl", task="sentiment", n=200)
+    uploaded = acme.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert uploaded.purpose == "fine-tune" and uploaded.bytes == path.stat().st_size
+    assert acme.files.content(uploaded.id).content == path.read_bytes()
+    assert acme.files.retrieve(uploaded.id).filename == "sentiment.jsonl"
+
+    job = acme.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="sentiment",
+        seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": HYPER}},
+        metadata={"team": "reviews"},
+        extra_body=LORA,
+    )
+    assert job.status == "queued" and job.model == "tiny" and job.seed == 7
+    assert job.fine_tuned_model is None and job.metadata == {"team": "reviews"}
+    seen = {job.status}
+
+    def finished() -> Any:
+        current = acme.fine_tuning.jobs.retrieve(job.id)
+        seen.add(current.status)
+        return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+    done = _wait(finished, 300, f"job {job.id}", stack.log)
+    trained = time.monotonic() - started
+    assert done.status == "succeeded", (done.error, stack.log.read_text()[-3000:])
+    assert "running" in seen
+    assert done.fine_tuned_model == f"ft:tiny:acme:sentiment:{job.id.removeprefix('ftjob-')[:8]}"
+    assert done.hyperparameters.n_epochs == 3 and done.hyperparameters.batch_size == 16
+    assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at >= done.created_at
+    assert done.error is None
+    assert [j.id for j in acme.fine_tuning.jobs.list()] == [job.id]
+
+    # Events: validation, each epoch's losses, evaluation, publish, success; newest first, paged.
+    events = _events(acme, job.id)
+    messages = [e.message for e in events]
+    assert (
+        messages[0].startswith("Validating training file")
+        and messages[-1] == "The job has successfully completed"
+    )
+    for epoch in (1, 2, 3):
+        assert any(m.startswith(f"Epoch {epoch}/3: training loss") for m in messages), messages
+    metrics = [e for e in events if e.type == "metrics"]
+    assert metrics and all(e.data["train_loss"] is not None for e in metrics[1:])
+    evaluation = next(e for e in events if e.message.startswith("Evaluated on"))
+    assert evaluation.data["exact_match"]["base"]["value"] == 0.0
+    assert evaluation.data["exact_match"]["tuned"]["value"] > 0.3
+    assert any(m.startswith("Published the fine-tuned model as acme/ft-sentiment-") for m in messages)
+    first = acme.fine_tuning.jobs.list_events(job.id, limit=3)
+    assert len(first.data) == 3 and first.has_more and first.data[0].message == messages[-1]
+    paged = [e.id for e in acme.fine_tuning.jobs.list_events(job.id, limit=3)]  # auto-pagination
+    assert paged == [e.id for e in reversed(events)]
+
+    # Checkpoints: what the run kept, each served as its own registry version.
+    checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert all(
+        c.fine_tuned_model_checkpoint.startswith(done.fine_tuned_model + ":ckpt-step-") for c in checkpoints
+    )
+    assert all(c.metrics.step == c.step_number and c.metrics.valid_loss is not None for c in checkpoints)
+    report = acme.files.content(done.result_files[0]).text
+    assert report.splitlines()[0] == "step,train_loss,valid_loss" and len(report.splitlines()) > 5
+
+    # The fine-tuned model answers through vLLM at once, with no restart.
+    _wait(lambda: stack.health()["status"] == "ok", 600, "vLLM ready", stack.log)
+    reviews = _reviews(6, seed=1)
+    tuned = [
+        (_ask(acme, done.fine_tuned_model, r).choices[0].message.content or "").strip() for r, _ in reviews
+    ]
+    base = [(_ask(acme, "tiny", r).choices[0].message.content or "").strip() for r, _ in reviews]
+    print(f"trained in {trained:.0f} s; tuned: {tuned}; base: {base}")
+    assert sum(answer in LABELS for answer in tuned) >= 5, tuned
+    assert not any(answer in LABELS for answer in base), base
+    reply = acme.chat.completions.with_raw_response.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": reviews[0][0]}], max_tokens=2
+    )
+    ref = reply.headers["x-adapterdeck-ref"]
+    assert ref.startswith("acme/ft-sentiment-") and ref == done.to_dict()["adapterdeck"]["ref"]
+    checkpoint = _ask(acme, checkpoints[0].fine_tuned_model_checkpoint, reviews[0][0])
+    assert checkpoint.model == checkpoints[0].to_dict()["adapterdeck"]["ref"] != ref
+    owned = {m.id for m in acme.models.list()}
+    assert done.fine_tuned_model in owned and checkpoints[0].fine_tuned_model_checkpoint in owned
+
+    # Another tenant sees none of it: the same 404 as for what does not exist.
+    assert not any(m.id.startswith("ft:") for m in globex.models.list())
+    assert globex.files.list().data == [] and globex.fine_tuning.jobs.list().data == []
+    not_found = []
+    for call in (
+        lambda: globex.files.retrieve(uploaded.id),
+        lambda: globex.files.content(uploaded.id),
+        lambda: globex.files.delete(uploaded.id),
+        lambda: globex.fine_tuning.jobs.retrieve(job.id),
+        lambda: globex.fine_tuning.jobs.cancel(job.id),
+        lambda: globex.fine_tuning.jobs.list_events(job.id),
+        lambda: globex.fine_tuning.jobs.checkpoints.list(job.id),
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        not_found.append(info.value.body["message"])
+    assert not_found[0] == f"No such file: {uploaded.id}"
+    messages = []
+    for model in (done.fine_tuned_model, done.fine_tuned_model[:-1] + "x", "ft:tiny:globex::nothing1"):
+        with pytest.raises(openai.NotFoundError) as info:
+            _ask(globex, model, reviews[0][0])
+        messages.append(info.value.body["message"].replace(model, "M"))
+    assert len(set(messages)) == 1
+    # The owner's admin sees it; a finished job cannot be cancelled; the file can be deleted.
+    assert stack.client("admin").fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    with pytest.raises(openai.BadRequestError):
+        acme.fine_tuning.jobs.cancel(job.id)
+    assert acme.files.delete(uploaded.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(uploaded.id)
+    assert _ask(acme, done.fine_tuned_model, reviews[0][0]).model == ref  # the model outlives its file
+
+
+@pytest.mark.vllm
+def test_cancel_stops_a_running_job_within_10_seconds(stack: Stack) -> None:
+    acme = stack.client("acme")
+    uploaded = _upload(stack, "acme", "cancel.jsonl", 200, seed=2)
+    job = _long_job(stack, uploaded.id, "cancelme")
+    pid, _ = _training(acme, job.id)
+    assert _pid_alive(pid)
+    asked = time.monotonic()
+    cancelled = acme.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+
+    def stopped() -> bool:
+        return any(e.message.startswith(f"Training process {pid} stopped") for e in _events(acme, job.id))
+
+    _wait(lambda: stopped() and not _pid_alive(pid), 10, "the cancelled training stopped", stack.log)
+    took = time.monotonic() - asked
+    print(f"cancel took {took:.1f} s")
+    assert took < 10
+    time.sleep(1)
+    after = acme.fine_tuning.jobs.retrieve(job.id)
+    assert after.status == "cancelled" and after.fine_tuned_model is None
+    assert not [a for a in stack.registry.list("acme") if a["name"].startswith("ft-cancelme-")]
+    with pytest.raises(openai.BadRequestError):
+        acme.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.vllm
+def test_a_killed_worker_s_job_is_requeued_then_failed_never_left_running(stack: Stack) -> None:
+    acme = stack.client("acme")
+    uploaded = _upload(stack, "acme", "kill.jsonl", 200, seed=3)
+    job = _long_job(stack, uploaded.id, "killme")
+    outcomes = []
+    for attempt in (1, 2):
+        pid, worker = _training(acme, job.id, attempt)
+        worker_pid = int(worker.rsplit(":", 1)[1])
+        assert worker_pid != pid and _pid_alive(worker_pid)
+        os.kill(worker_pid, signal.SIGKILL)  # `adapterdeck serve` starts a new local worker
+        _wait(lambda pid=pid: not _pid_alive(pid), 10, "the dead worker's training gone")
+
+        def moved_on(attempt: int = attempt) -> Any:
+            current = acme.fine_tuning.jobs.retrieve(job.id)  # the gateway sweeps as it reads
+            held = current.status == "running" and current.to_dict()["adapterdeck"]["attempts"] == attempt
+            return None if held else current
+
+        current = _wait(moved_on, 30, f"job {job.id} no longer held by the dead worker", stack.log)
+        outcomes.append(current.status)
+        if attempt == 1:
+            assert current.status in ("queued", "running")
+    final = acme.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "failed" and final.error.code == "worker_lost", final
+    assert final.fine_tuned_model is None
+    messages = [e.message for e in _events(acme, job.id)]
+    assert any("stopped heartbeating" in m and "requeued after attempt 1 of 2" in m for m in messages), (
+        messages
+    )
+    assert any("stopped heartbeating" in m and "on the last of 2 attempts" in m for m in messages), messages
+    print(f"after each kill: {outcomes}")
+
+
+# -- claiming, on SQLite and PostgreSQL, by concurrent processes -------------------------------------
+
+CLAIMER = """
+import json, os, sys, time
+from adapterdeck.registry import Registry, RegistrySettings
+from adapterdeck.registry.finetune import FineTuning
+home, url, gate, worker, action = sys.argv[1:6]
+ft = FineTuning(Registry(RegistrySettings(home=home, database_url=url)))
+ft.list_jobs(None, limit=1)  # connected
+open(f"{gate}.{worker}.ready", "w").close()
+while not os.path.exists(gate):
+    time.sleep(0.005)
+if action == "claim":
+    claimed = []
+    while (job := ft.claim_next(worker, 0.0)) is not None:  # a lease that runs out at once
+        claimed.append(job.id)
+    print(json.dumps(claimed))
+else:
+    print(json.dumps([job_id for job_id, _ in ft.sweep()]))
+"""
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    with postgres_database() as url:
+        yield url
+
+
+def _race(home: Path, url: str, action: str, n: int, tmp: Path) -> list[list[str]]:
+    gate = tmp / f"go-{action}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, str(home), url, str(gate), f"host:{i}", action],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    # Release them together, once every one has imported and connected.
+    _wait(lambda: all(Path(f"{gate}.host:{i}.ready").exists() for i in range(n)), 120, "claimers ready")
+    gate.touch()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_concurrent_workers_never_claim_the_same_job(database: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    registry = Registry(RegistrySettings(home=home, database_url=database))
+    try:
+        found = inspect(registry.engine)
+        for name in FT_TABLES:  # the migration builds exactly the tables and columns the code uses
+            assert {c["name"] for c in found.get_columns(name)} == set(t.metadata.tables[name].columns.keys())
+        ft = FineTuning(registry)
+        data = b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+        file = ft.add_file("acme", "a.jsonl", "fine-tune", data=data, format="chat", examples=10)
+        jobs = []
+        for i in range(40):
+            job = ft.create_job(
+                "acme", model="tiny", base="tiny", training_file=file.id, validation_file=None, suffix=None,
+                seed=i, hyperparameters={}, adapter_method={"name": "lora"}, evaluators=["loss"],
+                metadata=None, max_attempts=2,
+            )  # fmt: skip
+            jobs.append(ft.files_validated(job.id, {}).id)
+
+        claims = _race(home, database, "claim", 4, tmp_path)
+        claimed = [job_id for batch in claims for job_id in batch]
+        print("claims per worker:", [len(batch) for batch in claims])
+        assert sorted(claimed) == sorted(jobs)  # every job once, none twice
+        assert sum(1 for batch in claims if batch) >= 2  # they really competed
+        for job_id in jobs:
+            assert ft.get_job(job_id, "acme").status == "running"
+
+        # Every lease has run out: four sweepers at once requeue each job exactly once.
+        sweeps = _race(home, database, "sweep", 4, tmp_path)
+        swept = [job_id for batch in sweeps for job_id in batch]
+        assert sorted(swept) == sorted(jobs)
+        for job_id in jobs:
+            job = ft.get_job(job_id, "acme")
+            assert (job.status, job.attempts, job.worker_id) == ("queued", 1, None)
+            requeued = [e for e in ft.list_events(job_id).items if "requeued" in e.message]
+            assert len(requeued) == 1
+    finally:
+        registry.close()
