@@ -13,31 +13,35 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import httpx
-from fastapi import Depends, FastAPI, Request, UploadFile
+import aiohttp
+from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
-from adapterdeck.registry import NotFound, Registry
+from adapterdeck.registry import Conflict, NotFound, Registry
+from adapterdeck.registry.experiments import Experiment, Variant
 from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.tenants import Principal, authenticate
+from adapterdeck.serve.auth import AdminCaller, Caller
 from adapterdeck.serve.errors import (
     ApiError,
     bad_request,
-    forbidden,
     model_not_found,
     unauthorized,
     unavailable,
 )
+from adapterdeck.serve.experiments import Traffic, user_id
+from adapterdeck.serve.experiments import router as experiment_router
 from adapterdeck.serve.finetune import fine_tuned_models, fine_tuned_ref
 from adapterdeck.serve.finetune import router as finetune_router
 from adapterdeck.serve.metrics import Metrics
@@ -46,22 +50,52 @@ from adapterdeck.serve.vllm_process import VllmSupervisor
 
 logger = logging.getLogger("adapterdeck.serve")
 REF_HEADER = "X-Adapterdeck-Ref"
+EXPERIMENT_HEADER = "X-Adapterdeck-Experiment"
+VARIANT_HEADER = "X-Adapterdeck-Variant"
+SHADOW_OUTPUT_LIMIT = 4000
 KEY_TTL = 10.0
 VERSION_TTL = 10.0
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a request goes: the immutable ref (None for the base), its engine, the model name to send."""
+    """Where a request goes: the immutable ref (None for the base), its engine, the model name to send,
+    and the experiment variant it plays (when an experiment routed it)."""
 
     ref: str | None
     engine: str
     engine_model: str
     tenant: str
+    experiment: Experiment | None = None
+    variant: Variant | None = None
 
     @property
     def label(self) -> str:
         return self.ref or self.engine_model
+
+    @property
+    def labels(self) -> tuple[str, str, str, str, str]:
+        experiment = self.experiment.adapter if self.experiment else ""
+        return (self.tenant, self.label, self.engine, experiment, self.variant.name if self.variant else "")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.experiment is None or self.variant is None:
+            return {REF_HEADER: self.label}
+        return {
+            REF_HEADER: self.label,
+            EXPERIMENT_HEADER: self.experiment.adapter,
+            VARIANT_HEADER: self.variant.name,
+        }
+
+
+@dataclass
+class Outcome:
+    """What came back: filled in by the engine call (for a stream, when the stream ends)."""
+
+    response_id: str | None = None
+    usage: dict[str, Any] | None = None
+    streaming: bool = False
 
 
 class Gateway:
@@ -73,7 +107,10 @@ class Gateway:
         self.supervisor = supervisor
         self.vllm_url = settings.vllm.url.rstrip("/") if settings.vllm.url else supervisor.url  # type: ignore[union-attr]
         self.metrics = Metrics()
-        self.client: httpx.AsyncClient | None = None
+        self.traffic = Traffic(registry)
+        self._shadow_tasks: set[asyncio.Task[Any]] = set()
+        # aiohttp for the hop to vLLM: its C parser costs a fraction of httpx's CPU per request.
+        self.client: aiohttp.ClientSession | None = None
         self.peft: Any = None  # the embedded PEFT engine, created on first use
         self._vllm_loaded: set[str] = set()
         self._vllm_incarnation: int | None = None
@@ -116,7 +153,7 @@ class Gateway:
         self._versions[name] = (now + VERSION_TTL, info)
         return info
 
-    async def route(self, model: Any, principal: Principal) -> Target:
+    async def route(self, model: Any, principal: Principal, user: str | None = None) -> Target:
         if not isinstance(model, str) or not model:
             raise bad_request(
                 "'model' is required: the base, tenant/name, tenant/name@N or tenant/name:alias", "model"
@@ -132,12 +169,27 @@ class Gateway:
             raise model_not_found(model) from None
         if not principal.may_use(ref.tenant):
             raise model_not_found(model)
+        if ref.version is None and ref.alias is None:
+            experiment = self.traffic.lookup(ref.adapter)
+            if experiment is not None:
+                return await self.variant_target(experiment, experiment.assign(user))
         try:
             info = await self._resolve(ref)
         except NotFound:
             raise model_not_found(model) from None
         engine = ENGINE_VLLM if ENGINE_VLLM in info.served_by else ENGINE_PEFT
         return Target(info.ref, engine, info.ref, ref.tenant)
+
+    async def variant_target(self, experiment: Experiment, variant: Variant) -> Target:
+        if variant.ref is None:
+            base = self.settings.base_name()
+            return Target(None, ENGINE_VLLM, base, experiment.tenant, experiment, variant)
+        try:
+            info = await self._resolve(parse_ref(variant.ref))
+        except NotFound:  # deleted under a running experiment (delete refuses that)
+            raise model_not_found(experiment.adapter) from None
+        engine = ENGINE_VLLM if ENGINE_VLLM in info.served_by else ENGINE_PEFT
+        return Target(info.ref, engine, info.ref, experiment.tenant, experiment, variant)
 
     # -- engines -------------------------------------------------------------------------------
 
@@ -154,7 +206,9 @@ class Gateway:
         self._vllm_loaded.add(target.ref)
         return True
 
-    async def forward_vllm(self, path: str, body: dict[str, Any], target: Target) -> Response:
+    async def forward_vllm(
+        self, path: str, body: dict[str, Any], target: Target, outcome: Outcome | None = None
+    ) -> Response:
         if not self.vllm_ready():
             raise unavailable("The vLLM engine is starting or restarting; retry shortly.")
         assert self.client is not None
@@ -164,65 +218,86 @@ class Gateway:
         if body.get("stream"):
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            request = self.client.build_request("POST", f"{self.vllm_url}{path}", json=body)
             try:
-                upstream = await self.client.send(request, stream=True)
-            except httpx.TransportError:
+                upstream = await self.client.post(f"{self.vllm_url}{path}", json=body)
+            except aiohttp.ClientConnectionError:
                 raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
-            if upstream.status_code != 200:
-                content = await upstream.aread()
-                await upstream.aclose()
-                return Response(content, status_code=upstream.status_code, media_type="application/json")
+            if upstream.status != 200:
+                content = await upstream.read()
+                upstream.release()
+                return Response(content, status_code=upstream.status, media_type="application/json")
+            if outcome is not None:
+                outcome.streaming = True
             return StreamingResponse(
-                self._relay(upstream, target, wants_usage, started, first_load),
+                self._relay(upstream, target, wants_usage, started, first_load, outcome),
                 media_type="text/event-stream",
-                headers={REF_HEADER: target.label},
+                headers=target.headers,
             )
         try:
-            upstream = await self.client.post(f"{self.vllm_url}{path}", json=body)
-        except httpx.TransportError:
+            async with self.client.post(f"{self.vllm_url}{path}", json=body) as upstream:
+                content, status = await upstream.read(), upstream.status
+        except aiohttp.ClientConnectionError:
             raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
-        if upstream.status_code == 200:
-            content = upstream.content
+        if status == 200:
             try:
-                self._count_usage(target, json.loads(content).get("usage"))
+                payload = json.loads(content)
+                self._count_usage(target, payload.get("usage"))
+                if outcome is not None:
+                    outcome.response_id, outcome.usage = payload.get("id"), payload.get("usage")
             except (ValueError, AttributeError):
                 pass
             if first_load:
                 self._record_load(target, time.monotonic() - started)
             # vLLM's body goes out as it came: it already names the immutable ref.
-            return Response(content, media_type="application/json", headers={REF_HEADER: target.label})
+            return Response(content, media_type="application/json", headers=target.headers)
         if first_load:
             self._vllm_loaded.discard(target.ref or "")
-        return Response(upstream.content, status_code=upstream.status_code, media_type="application/json")
+        return Response(content, status_code=status, media_type="application/json")
 
     async def _relay(
-        self, upstream: httpx.Response, target: Target, wants_usage: bool, started: float, first_load: bool
+        self,
+        upstream: aiohttp.ClientResponse,
+        target: Target,
+        wants_usage: bool,
+        started: float,
+        first_load: bool,
+        outcome: Outcome | None,
     ) -> AsyncIterator[bytes]:
+        status = 200
         try:
-            async for line in upstream.aiter_lines():
+            async for raw in upstream.content:
+                line = raw.decode().rstrip("\r\n")
                 if line.startswith("data: ") and line != "data: [DONE]":
                     try:
                         chunk = json.loads(line[6:])
                     except ValueError:
                         chunk = None
+                    if outcome is not None and isinstance(chunk, dict) and outcome.response_id is None:
+                        outcome.response_id = chunk.get("id")
                     if isinstance(chunk, dict) and chunk.get("usage"):
                         self._count_usage(target, chunk["usage"])
+                        if outcome is not None:
+                            outcome.usage = chunk["usage"]
                         if not wants_usage and not chunk.get("choices"):
                             continue
                         if not wants_usage:
                             chunk.pop("usage")
                             line = "data: " + json.dumps(chunk)
                 yield (line + "\n").encode()
+        except BaseException:
+            status = 599  # the stream broke off (or the client went away)
+            raise
         finally:
-            await upstream.aclose()
+            upstream.release()
             if first_load:
                 self._record_load(target, time.monotonic() - started)
+            if outcome is not None and target.experiment is not None:
+                self._note_experiment(target, outcome, status, time.monotonic() - started)
 
     def _count_usage(self, target: Target, usage: dict[str, Any] | None) -> None:
         if not usage:
             return
-        labels = (target.tenant, target.label, target.engine)
+        labels = target.labels
         self.metrics.prompt_tokens.labels(*labels).inc(usage.get("prompt_tokens") or 0)
         self.metrics.completion_tokens.labels(*labels).inc(usage.get("completion_tokens") or 0)
 
@@ -230,20 +305,22 @@ class Gateway:
         self.metrics.adapter_loads.labels(target.label, target.engine).inc()
         self.metrics.adapter_load_latency.labels(target.engine).observe(seconds)
 
-    async def forward_peft(self, path: str, body: dict[str, Any], target: Target) -> Response:
+    async def forward_peft(
+        self, path: str, body: dict[str, Any], target: Target, outcome: Outcome | None = None
+    ) -> Response:
         from adapterdeck.serve.peft_engine import PeftEngine
 
         if self.peft is None:
             self.peft = PeftEngine(self.settings, self.registry, self.metrics)
         payload = await self.peft.complete(path, body, target.ref or "")
         self._count_usage(target, payload.get("usage"))
+        if outcome is not None:
+            outcome.response_id, outcome.usage = payload.get("id"), payload.get("usage")
         if body.get("stream"):
             return StreamingResponse(
-                self.peft.as_stream(payload),
-                media_type="text/event-stream",
-                headers={REF_HEADER: target.label},
+                self.peft.as_stream(payload), media_type="text/event-stream", headers=target.headers
             )
-        return JSONResponse(payload, headers={REF_HEADER: target.label})
+        return JSONResponse(payload, headers=target.headers)
 
     async def completion(self, path: str, request: Request, principal: Principal) -> Response:
         try:
@@ -255,15 +332,18 @@ class Gateway:
         field = "messages" if path.endswith("chat/completions") else "prompt"
         if field not in body:
             raise bad_request(f"'{field}' is required.", field)
-        target = await self.route(body.get("model"), principal)
-        labels = (target.tenant, target.label, target.engine)
+        target = await self.route(body.get("model"), principal, user_id(body, request))
+        labels = target.labels
+        outcome = Outcome()
         started = time.monotonic()
         status = "error"
+        if target.experiment is not None and target.experiment.shadow is not None:
+            self._start_shadow(path, body, target.experiment)
         try:
             if target.engine == ENGINE_VLLM:
-                response = await self.forward_vllm(path, body, target)
+                response = await self.forward_vllm(path, body, target, outcome)
             else:
-                response = await self.forward_peft(path, body, target)
+                response = await self.forward_peft(path, body, target, outcome)
             status = str(response.status_code)
             if response.status_code >= 400:
                 self.metrics.errors.labels(*labels, f"http_{response.status_code}").inc()
@@ -273,8 +353,76 @@ class Gateway:
             self.metrics.errors.labels(*labels, exc.type).inc()
             raise
         finally:
+            elapsed = time.monotonic() - started
             self.metrics.requests.labels(*labels, path, status).inc()
-            self.metrics.latency.labels(*labels).observe(time.monotonic() - started)
+            self.metrics.latency.labels(*labels).observe(elapsed)
+            if target.experiment is not None and not outcome.streaming:
+                self._note_experiment(target, outcome, int(status) if status.isdigit() else 500, elapsed)
+
+    # -- experiments ---------------------------------------------------------------------------
+
+    def _note_experiment(
+        self,
+        target: Target,
+        outcome: Outcome,
+        status: int,
+        seconds: float,
+        shadow: bool = False,
+        output: str | None = None,
+    ) -> None:
+        assert target.experiment is not None and target.variant is not None
+        usage = outcome.usage or {}
+        self.traffic.note(
+            {
+                "response_id": outcome.response_id or f"failed-{uuid.uuid4().hex}",
+                "experiment_id": target.experiment.id,
+                "variant": target.variant.name,
+                "shadow": int(shadow),
+                "status": status,
+                "latency_ms": round(seconds * 1000),
+                "prompt_tokens": usage.get("prompt_tokens") or 0,
+                "completion_tokens": usage.get("completion_tokens") or 0,
+                "output": output,
+            }
+        )
+
+    def _start_shadow(self, path: str, body: dict[str, Any], experiment: Experiment) -> None:
+        """Send a copy of the request to the shadow variant; its answer is recorded, never returned."""
+        assert experiment.shadow is not None
+        if self.traffic.shadow_slots.locked():  # saturated: drop the copy, never slow the real request
+            self.metrics.shadow_requests.labels(experiment.adapter, experiment.shadow.name, "dropped").inc()
+            return
+        task = asyncio.create_task(self._shadow(path, body, experiment, experiment.shadow))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self, path: str, body: dict[str, Any], experiment: Experiment, variant: Variant
+    ) -> None:
+        copy = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        outcome, status, output = Outcome(), 500, None
+        started = time.monotonic()
+        async with self.traffic.shadow_slots:
+            try:
+                target = await self.variant_target(experiment, variant)
+                if target.engine == ENGINE_VLLM:
+                    response = await self.forward_vllm(path, copy, target, outcome)
+                else:
+                    response = await self.forward_peft(path, copy, target, outcome)
+                status = response.status_code
+                if status == 200:
+                    choice = (json.loads(bytes(response.body)).get("choices") or [{}])[0]
+                    output = (choice.get("message") or {}).get("content") or choice.get("text")
+            except ApiError as exc:
+                status = exc.status
+            except Exception:
+                logger.exception("shadow request to %s failed", variant.ref)
+                return
+            finally:
+                self.metrics.shadow_requests.labels(experiment.adapter, variant.name, str(status)).inc()
+        target = Target(variant.ref, ENGINE_VLLM, variant.ref or "", experiment.tenant, experiment, variant)
+        text = output[:SHADOW_OUTPUT_LIMIT] if isinstance(output, str) else None
+        self._note_experiment(target, outcome, status, time.monotonic() - started, shadow=True, output=text)
 
     async def health(self) -> dict[str, Any]:
         vllm: dict[str, Any] = {"url": self.vllm_url}
@@ -287,8 +435,10 @@ class Gateway:
         else:
             try:
                 assert self.client is not None
-                ok = (await self.client.get(f"{self.vllm_url}/health", timeout=2)).status_code == 200
-            except httpx.HTTPError:
+                timeout = aiohttp.ClientTimeout(total=2)
+                async with self.client.get(f"{self.vllm_url}/health", timeout=timeout) as reply:
+                    ok = reply.status == 200
+            except (aiohttp.ClientError, TimeoutError):
                 ok = False
             vllm["status"] = "ready" if ok else "unreachable"
         peft = self.peft.health() if self.peft is not None else {"status": "idle", "adapters": 0}
@@ -297,23 +447,11 @@ class Gateway:
             "status": "ok" if ok else "degraded",
             "gateway": "ok",
             "engines": {"vllm": vllm, "peft": peft},
+            "experiments": {
+                "running": len(self.traffic.running),
+                "database": "ok" if self.traffic.database_ok else "unreachable",
+            },
         }
-
-
-async def _principal(request: Request) -> Principal:
-    return await request.app.state.gateway.principal(request)
-
-
-Caller = Annotated[Principal, Depends(_principal)]
-
-
-def _admin(who: Caller) -> Principal:
-    if not who.is_admin:
-        raise forbidden("This needs an admin key.")
-    return who
-
-
-AdminCaller = Annotated[Principal, Depends(_admin)]
 
 
 def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None = None) -> FastAPI:
@@ -333,19 +471,25 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(600, connect=2), limits=httpx.Limits(max_connections=512)
+        gateway.client = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=600, sock_connect=2),
+            connector=aiohttp.TCPConnector(limit=512),
+            read_bufsize=2**20,  # SSE lines (a chunk with logprobs) up to 2 MiB
         )
+        await gateway.traffic.start()
         if supervisor is not None:
             await supervisor.start()
         try:
             yield
         finally:
+            if gateway._shadow_tasks:
+                await asyncio.wait(gateway._shadow_tasks, timeout=30)
+            await gateway.traffic.close()
             if supervisor is not None:
                 await supervisor.stop()
             if gateway.peft is not None:
                 gateway.peft.close()
-            await gateway.client.aclose()
+            await gateway.client.close()
 
     app = FastAPI(title="adapterdeck", version="1", lifespan=lifespan)
     app.state.gateway = gateway
@@ -356,7 +500,7 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
 
     @app.exception_handler(AdapterdeckError)
     async def _user_error(_: Request, exc: AdapterdeckError) -> JSONResponse:
-        status = 404 if isinstance(exc, NotFound) else 400
+        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
         return ApiError(status, str(exc), "invalid_request_error").response()
 
     @app.exception_handler(Exception)
@@ -437,5 +581,6 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, version)
         return info.to_dict()
 
+    app.include_router(experiment_router())
     app.include_router(finetune_router)
     return app
