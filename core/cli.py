@@ -10,9 +10,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapterdeck.core import __version__
+from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
 
 app = typer.Typer(
@@ -119,9 +121,8 @@ def base_build(
 
 def _report_text(report: Any) -> None:
     label = f"{report.format} format" if report.format else "unknown format"
-    out.print(
-        f"[bold]{report.path}[/bold]: {label}, {report.lines} lines, {len(report.examples)} good examples"
-    )
+    good = len(report.examples)
+    out.print(f"[bold]{escape(report.path)}[/bold]: {label}, {report.lines} lines, {good} good examples")
     if report.errors:
         out.print(f"[red]{len(report.errors)} bad line(s):[/red]")
         for e in report.errors:
@@ -153,6 +154,9 @@ def data_validate(
     max_tokens: Annotated[
         int | None, typer.Option(help="Longest example allowed, in tokens (default: the base's context).")
     ] = None,
+    max_line_bytes: Annotated[
+        int, typer.Option(min=1, help="Longest line allowed, in bytes; longer lines are errors.")
+    ] = DEFAULT_MAX_LINE_BYTES,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Check every line of a data file; report each problem with its line number. Exit 1 on any error."""
@@ -168,7 +172,9 @@ def data_validate(
         raise AdapterdeckError(
             "--max-tokens needs --base: tokens are counted with the base model's tokenizer"
         )
-    report = validate_file(file, format=format, token_counter=counter, max_tokens=max_tokens)
+    report = validate_file(
+        file, format=format, token_counter=counter, max_tokens=max_tokens, max_line_bytes=max_line_bytes
+    )
     if as_json:
         _print_json(report.to_dict())
     else:
@@ -419,7 +425,7 @@ def main() -> None:
     try:
         app()
     except AdapterdeckError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import MethodParams
 from adapterdeck.core.plugins import Catalog, catalog
@@ -42,6 +43,11 @@ class DataConfig(Strict):
     validation: list[Path] | None = None
     test: list[Path] | None = None
     mix: MixConfig | None = None
+    max_line_bytes: int = Field(
+        DEFAULT_MAX_LINE_BYTES,
+        ge=1,
+        description="longest line of a data file, in bytes; longer lines are errors",
+    )
 
     @field_validator("train", "validation", "test", mode="before")
     @classmethod

@@ -2,6 +2,11 @@
 
 Validation reads the whole file and names every bad line; ``load_examples``
 refuses a file with any error, so nothing trains on half-good data.
+
+The file is read as a stream, one line at a time, and a line longer than ``max_line_bytes`` is
+skipped over without being held in memory. Whatever a line holds (bytes that are not UTF-8, NUL
+bytes, JSON nested deeper than Python can parse, integers too long to convert) becomes that line's
+error, never an exception.
 """
 
 from __future__ import annotations
@@ -10,10 +15,10 @@ import hashlib
 import json
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import Conversation, DataFormat, json_type_name
@@ -103,31 +108,73 @@ class _Line:
     reasons: list[str] = field(default_factory=list)
 
 
-def _parse_lines(raw: bytes) -> tuple[list[_Line], int]:
+DEFAULT_MAX_LINE_BYTES = 1 << 20  # 1 MiB: far more text than any base's context holds
+_READ_CHUNK = 1 << 16
+
+
+def _read_lines(fh: BinaryIO, max_line_bytes: int, digest: Any) -> Iterator[tuple[int, bytes | None, int]]:
+    """Each line's number, its bytes without the newline (None when over the limit) and its length.
+
+    Memory stays within ``max_line_bytes``: an over-long line is read on in chunks, only counted.
+    """
+    number = 0
+    while chunk := fh.readline(max_line_bytes + 1):
+        number += 1
+        digest.update(chunk)
+        if chunk.endswith(b"\n"):
+            yield number, chunk[:-1], len(chunk) - 1
+            continue
+        if len(chunk) <= max_line_bytes:  # the last line, without a newline
+            yield number, chunk, len(chunk)
+            continue
+        length = len(chunk)
+        while (rest := fh.readline(_READ_CHUNK)) and not rest.endswith(b"\n"):
+            digest.update(rest)
+            length += len(rest)
+        digest.update(rest)
+        length += max(len(rest) - 1, 0)
+        yield number, None, length
+
+
+def _parse_line(number: int, chunk: bytes) -> _Line | None:
+    """A line's record, or its error; None for a blank line."""
+    if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+        chunk = chunk[3:]
+    if b"\x00" in chunk:
+        where = chunk.index(b"\x00") + 1
+        return _Line(number, reasons=[f"contains a NUL byte (byte {where}); a JSONL line is UTF-8 text"])
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _Line(number, reasons=[f"not valid UTF-8 (byte {exc.start + 1})"])
+    if not text.strip():
+        return None  # blank lines separate nothing and carry nothing
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Line(number, reasons=[f"invalid JSON: {exc.msg} at column {exc.colno}"])
+    except RecursionError:
+        return _Line(number, reasons=["invalid JSON: nested too deeply"])
+    except ValueError as exc:  # an integer with thousands of digits
+        return _Line(number, reasons=[f"invalid JSON: {str(exc).split(';')[0]}"])
+    if not isinstance(value, dict):
+        return _Line(number, reasons=[f"expected a JSON object, got {json_type_name(value)}"])
+    return _Line(number, record=value)
+
+
+def _parse_lines(fh: BinaryIO, max_line_bytes: int, digest: Any) -> tuple[list[_Line], int]:
     lines: list[_Line] = []
-    text_lines = raw.split(b"\n")
-    if raw.endswith(b"\n"):
-        text_lines.pop()
-    for number, chunk in enumerate(text_lines, start=1):
-        if number == 1 and chunk.startswith(b"\xef\xbb\xbf"):
-            chunk = chunk[3:]
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            lines.append(_Line(number, reasons=[f"not valid UTF-8 (byte {exc.start + 1})"]))
+    total = 0
+    for number, chunk, length in _read_lines(fh, max_line_bytes, digest):
+        total = number
+        if chunk is None:
+            reason = f"the line is {length:,} bytes, over the limit of {max_line_bytes:,} bytes a line"
+            lines.append(_Line(number, reasons=[reason]))
             continue
-        if not text.strip():
-            continue  # blank lines separate nothing and carry nothing
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            lines.append(_Line(number, reasons=[f"invalid JSON: {exc.msg} at column {exc.colno}"]))
-            continue
-        if not isinstance(value, dict):
-            lines.append(_Line(number, reasons=[f"expected a JSON object, got {json_type_name(value)}"]))
-            continue
-        lines.append(_Line(number, record=value))
-    return lines, len(text_lines)
+        line = _parse_line(number, chunk)
+        if line is not None:
+            lines.append(line)
+    return lines, total
 
 
 def _assign_formats(lines: list[_Line], formats: dict[str, DataFormat], forced: str | None) -> str | None:
@@ -171,18 +218,30 @@ def validate_file(
     token_counter: TokenCounter | None = None,
     max_tokens: int | None = None,
     plugins: Catalog | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> ValidationReport:
-    """Check every line of a JSONL file; the report lists each bad line and its reasons."""
+    """Check every line of a JSONL file; the report lists each bad line and its reasons.
+
+    A line longer than ``max_line_bytes`` (newline excluded) is an error, found without reading it
+    into memory.
+    """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AdapterdeckError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if max_line_bytes < 1:
+        raise AdapterdeckError(f"max_line_bytes must be a positive number of bytes, got {max_line_bytes}")
     cat = plugins or catalog()
     formats = {name: reg.obj for name, reg in cat.formats.items()}
     if format is not None and format not in formats:
         cat.format(format)  # raises with the list of known formats
-    lines, total = _parse_lines(raw)
+    digest = hashlib.sha256()
+    try:
+        if path.is_dir():
+            raise AdapterdeckError(f"cannot read {path}: it is a directory")
+        with path.open("rb") as fh:
+            lines, total = _parse_lines(fh, max_line_bytes, digest)
+    except OSError as exc:
+        raise AdapterdeckError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a path with a NUL byte
+        raise AdapterdeckError(f"cannot read {path!r}: {exc}") from exc
     chosen = _assign_formats(lines, formats, format)
 
     examples: list[tuple[_Line, Conversation]] = []
@@ -202,7 +261,7 @@ def validate_file(
         seen[key] = ln.number
         examples.append((ln, Conversation(conv.messages, ln.number, str(path), conv.meta)))
 
-    report = ValidationReport(str(path), hashlib.sha256(raw).hexdigest(), total, chosen, [], [])
+    report = ValidationReport(str(path), digest.hexdigest(), total, chosen, [], [])
     if token_counter is not None and examples:
         counts = token_counter([c for _, c in examples])
         report.tokens, report.max_tokens = Spread.of(counts), max_tokens

@@ -85,3 +85,25 @@ def json_type_name(value: object) -> str:
     """The JSON name of a decoded value's type, for error messages."""
     names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages that quote a record's value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 4]}...{text[-1]}"
+
+
+def text_problem(text: str) -> str | None:
+    """Why a string from a record cannot be training text, or None when it can.
+
+    JSON can spell what is not text: ``\\u0000`` (a NUL character) and an unpaired surrogate such
+    as ``\\ud800``, which no tokenizer can encode and no UTF-8 file can hold.
+    """
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"contains an unpaired surrogate (\\u{ord(text[exc.start]):04x}), which is not a character"
+    return None

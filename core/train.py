@@ -72,9 +72,14 @@ def library_versions() -> dict[str, str]:
 
 
 def _validate_all(
-    paths: list[Path], fmt: str | None, counter: Any, max_tokens: int | None
+    paths: list[Path], fmt: str | None, counter: Any, max_tokens: int | None, max_line_bytes: int
 ) -> list[ValidationReport]:
-    reports = [validate_file(p, format=fmt, token_counter=counter, max_tokens=max_tokens) for p in paths]
+    reports = [
+        validate_file(
+            p, format=fmt, token_counter=counter, max_tokens=max_tokens, max_line_bytes=max_line_bytes
+        )
+        for p in paths
+    ]
     bad = [r for r in reports if not r.ok]
     if bad:
         raise AdapterdeckError("\n".join(str(DataError(r)) for r in bad))
@@ -112,7 +117,7 @@ def _mix(
     mix = config.data.mix
     if mix is None:
         return train, None
-    (report,) = _validate_all([mix.file], mix.format, counter, max_tokens)
+    (report,) = _validate_all([mix.file], mix.format, counter, max_tokens, config.data.max_line_bytes)
     wanted = round(len(train) * mix.ratio / (1 - mix.ratio))
     rng = random.Random(config.train.seed)
     pool = list(report.examples)
@@ -252,12 +257,16 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
         tokenizer.pad_token = tokenizer.eos_token
     max_length = config.train.max_length or context_length(config.base) or 2048
     counter = token_counter(tokenizer)
-    fmt = config.data.format
-    train_reports = _validate_all(config.data.train, fmt, counter, max_length)
+    fmt, lines = config.data.format, config.data.max_line_bytes
+    train_reports = _validate_all(config.data.train, fmt, counter, max_length, lines)
     val_reports = (
-        _validate_all(config.data.validation, fmt, counter, max_length) if config.data.validation else None
+        _validate_all(config.data.validation, fmt, counter, max_length, lines)
+        if config.data.validation
+        else None
     )
-    test_reports = _validate_all(config.data.test, fmt, counter, max_length) if config.data.test else None
+    test_reports = (
+        _validate_all(config.data.test, fmt, counter, max_length, lines) if config.data.test else None
+    )
     split = _split(
         config,
         _examples(train_reports),

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from adapterdeck.core import hookimpl
-from adapterdeck.core.formats import Conversation, DataFormat, Message, json_type_name
+from adapterdeck.core.formats import Conversation, DataFormat, Message, json_type_name, text_problem
 from adapterdeck.core.plugins import FormatRegister
 
 REQUIRED = ("instruction", "output")
@@ -33,10 +33,14 @@ class AlpacaFormat(DataFormat):
                 found.append(f"{key!r} must be a string, got {json_type_name(value)}")
             elif not value.strip():
                 found.append(f"empty {key!r}")
+            elif problem := text_problem(value):
+                found.append(f"{key!r} {problem}")
         for key in OPTIONAL:
             value = record.get(key)
             if value is not None and not isinstance(value, str):
                 found.append(f"{key!r} must be a string, got {json_type_name(value)}")
+            elif value is not None and (problem := text_problem(value)):
+                found.append(f"{key!r} {problem}")
         return found
 
     def to_conversation(self, record: Mapping[str, Any]) -> Conversation:

@@ -13,6 +13,8 @@ from adapterdeck.core.formats import (
     Message,
     conversation_problems,
     json_type_name,
+    shown,
+    text_problem,
 )
 from adapterdeck.core.plugins import FormatRegister
 
@@ -44,17 +46,19 @@ class ChatFormat(DataFormat):
                 continue
             role, content = msg.get("role"), msg.get("content")
             for key in sorted(set(msg) - MESSAGE_KEYS):
-                found.append(f"message {i}: unknown key {key!r}")
+                found.append(f"message {i}: unknown key {shown(key)}")
             if role is None:
                 found.append(f"message {i}: missing 'role'")
             elif role not in ROLES:
-                found.append(f"message {i}: unknown role {role!r} (expected system, user or assistant)")
+                found.append(f"message {i}: unknown role {shown(role)} (expected system, user or assistant)")
             if content is None:
                 found.append(f"message {i}: missing 'content'")
             elif not isinstance(content, str):
                 found.append(f"message {i}: 'content' must be a string, got {json_type_name(content)}")
             elif not content.strip():
                 found.append(f"message {i}: empty content")
+            elif problem := text_problem(content):
+                found.append(f"message {i}: content {problem}")
             if role in ROLES and isinstance(content, str):
                 parsed.append(Message(role, content))
         if not found:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="The adapter registry: tenants' adapters, versions and aliases.", no_args_is_help=True)
@@ -47,8 +48,10 @@ def _dump(value: Any) -> None:
 
 
 def _print_version(info: Any) -> None:
+    # Method names, base paths and metrics come from the published files: print them, never as markup.
+    served = ", ".join(info.served_by)
     out.print(
-        f"[bold]{info.ref}[/bold]  {info.method} ({info.peft_type}), served by {', '.join(info.served_by)}"
+        f"[bold]{info.ref}[/bold]  {escape(info.method)} ({escape(info.peft_type)}), served by {served}"
     )
     rows = [
         ("base", f"{info.base} ({info.base_fingerprint[:19]}...)"),
@@ -67,7 +70,7 @@ def _print_version(info: Any) -> None:
             )
         )
     for key, value in rows:
-        out.print(f"  {key:<16} {value}", highlight=False)
+        out.print(f"  {key:<16} {value}", highlight=False, markup=False)
 
 
 @app.command()
@@ -180,7 +183,7 @@ def pull(
 ) -> None:
     """Download a version as a plain PEFT directory."""
     path = _registry(ctx).pull(ref, out_dir)
-    out.print(f"wrote {path}")
+    out.print(f"wrote {path}", markup=False)
 
 
 @app.command()

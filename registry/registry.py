@@ -16,15 +16,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, func, select, text, update
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import make_engine, migrate, write_transaction
 from adapterdeck.registry.refs import DEFAULT_ALIAS, Ref, check_alias, parse_adapter, parse_ref
 from adapterdeck.registry.settings import RegistrySettings
-from adapterdeck.registry.store import BlobStore, sha256_file
-from adapterdeck.registry.validate import BaseRecord, Candidate, base_record_for, validate
+from adapterdeck.registry.store import SHA256_RE, BlobStore, sha256_file
+from adapterdeck.registry.validate import (
+    BaseRecord,
+    Candidate,
+    base_record_for,
+    file_name_problem,
+    validate,
+)
 
 
 class NotFound(AdapterdeckError):
@@ -73,6 +79,16 @@ def _iso(value: Any) -> str:
     if not isinstance(value, datetime):
         return str(value)
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+def _plain_files(info: VersionInfo) -> list[dict[str, Any]]:
+    """A version's files, once each is known to be a plain file name: a damaged record must never
+    make pull or materialize write outside the directory they fill."""
+    for f in info.files:
+        problem = file_name_problem(f["path"])
+        if problem:
+            raise AdapterdeckError(f"{info.ref}: refusing to write its files: {problem}")
+    return info.files
 
 
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
@@ -176,6 +192,11 @@ class Registry:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raise (sqlalchemy.exc.SQLAlchemyError) unless the database answers."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
 
     # -- bases -------------------------------------------------------------------------------
 
@@ -492,11 +513,12 @@ class Registry:
         out = Path(out)
         if out.exists() and any(out.iterdir()):
             raise AdapterdeckError(f"{out} is not empty")
+        files = _plain_files(info)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
         tmp.mkdir()
         try:
-            for f in info.files:
+            for f in files:
                 self.store.get_file(f["sha256"], tmp / f["path"])
             if out.exists():
                 out.rmdir()
@@ -513,6 +535,9 @@ class Registry:
         """
         if not info.files:
             info = self.show(info.ref)
+        files = _plain_files(info)
+        if not SHA256_RE.fullmatch(info.manifest_sha256):
+            raise AdapterdeckError(f"{info.ref}: its manifest digest is damaged; refusing to materialize it")
         target = cache / info.manifest_sha256
         if (target / "adapter_config.json").exists():
             return target
@@ -520,7 +545,7 @@ class Registry:
         tmp = cache / f".{info.manifest_sha256}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()
         try:
-            for f in info.files:
+            for f in files:
                 self.store.get_file(f["sha256"], tmp / f["path"])
             try:
                 os.replace(tmp, target)

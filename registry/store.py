@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from adapterdeck.core.errors import AdapterdeckError
 
 CHUNK = 1 << 20
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -42,6 +44,9 @@ class BlobStore:
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, sha: str) -> str:
+        # A digest read back from the database or a manifest becomes part of a path: only 64 hex digits.
+        if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
+            raise AdapterdeckError(f"{sha!r:.80} is not a sha256 digest; the registry's records are damaged")
         return f"{self.root}/blobs/{sha[:2]}/{sha}"
 
     def has(self, sha: str) -> bool:

@@ -5,6 +5,11 @@ parses, whose data is complete and whose tensors agree with the config; the adap
 for a base the registry knows (by fingerprint of its config, vocabulary and chat template) and
 its tensors fit that base's layers; a LoRA meant for vLLM follows vLLM's rules (rank within the
 maximum, no DoRA, no bias, no modules_to_save, only linear layers the base has); size limits.
+
+Everything in the directory is treated as hostile: only plain files with the names an adapter
+has are accepted (no symbolic links, subdirectories or other names), JSON files are size-capped
+and type-checked before anything reads a field, and the safetensors header is checked against
+the file without trusting any length it claims.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,7 +26,8 @@ from typing import Any
 
 from adapterdeck.core.adapters import ADAPTER_META, PEFT_CONFIG
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
+from adapterdeck.core.formats import json_type_name, shown
+from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM, ENGINES
 
 WEIGHTS = "adapter_model.safetensors"
 DTYPE_BYTES = {
@@ -28,6 +35,13 @@ DTYPE_BYTES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }  # fmt: skip
 PEFT_PREFIX = "base_model.model."
+README = "README.md"  # PEFT's save_pretrained writes a model card
+ADAPTER_FILES = (PEFT_CONFIG, WEIGHTS, ADAPTER_META, README)
+PICKLED_WEIGHTS = "adapter_model.bin"  # refused with its own reason
+MAX_JSON_BYTES = 1 << 20  # adapter_config.json, adapterdeck.json
+MAX_REPORT_BYTES = 64 << 20  # a run's report.json (loss curves, samples)
+MAX_JSON_DEPTH = 64
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 class PublishRefused(AdapterdeckError):
@@ -68,6 +82,72 @@ class Candidate:
     library_versions: dict[str, str] = field(default_factory=dict)
 
 
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a file of an adapter, or None when it is a plain file name.
+
+    Applies to names in a directory being published, in an upload and in a stored manifest:
+    nothing may name a path outside the directory it is written to.
+    """
+    if not isinstance(name, str) or not name:
+        return "an empty file name"
+    if name in (".", "..") or "/" in name or "\\" in name:
+        return f"file name {shown(name)} is a path, not a plain file name"
+    if "\x00" in name:
+        return f"file name {shown(name)} contains a NUL character"
+    if any(unicodedata.category(c) == "Cs" for c in name):
+        return f"file name {shown(name)} is not valid UTF-8"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
+        return f"file name {shown(name)} contains control or invisible characters"
+    if len(name.encode("utf-8")) > 255:
+        return f"file name {shown(name)} is longer than 255 bytes"
+    return None
+
+
+def _depth(value: Any) -> int:
+    """How deeply a decoded JSON value nests (iteratively: a hostile value must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def read_json_object(
+    path: Path, limit: int = MAX_JSON_BYTES, *, allow_nan: bool = False
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A small JSON object file, or the reason it is not one: size, encoding, syntax, nesting, type.
+
+    NaN and Infinity (Python's extension to JSON) are refused unless ``allow_nan``: PostgreSQL's
+    JSON columns refuse them too.
+    """
+    size = path.stat().st_size
+    if size > limit:
+        return None, f"{path.name} is {size:,} bytes; the limit for it is {limit:,}"
+    try:
+        text = path.read_bytes().decode("utf-8")
+        value = json.loads(text) if allow_nan else json.loads(text, parse_constant=_no_constant)
+    except UnicodeDecodeError as exc:
+        return None, f"{path.name} is not UTF-8 text (byte {exc.start + 1})"
+    except RecursionError:
+        return None, f"{path.name} nests JSON more than {MAX_JSON_DEPTH} levels deep"
+    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0]
+        return None, f"{path.name} is not valid JSON: {reason}{where}"
+    if not isinstance(value, dict):
+        return None, f"{path.name} must hold a JSON object; it holds a JSON {json_type_name(value)}"
+    if _depth(value) > MAX_JSON_DEPTH:
+        return None, f"{path.name} nests JSON more than {MAX_JSON_DEPTH} levels deep"
+    return value, None
+
+
 def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
     """The adapter directory (``adapter/`` inside a run) and the run's report, if any."""
     path = Path(path)
@@ -75,52 +155,105 @@ def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
         raise AdapterdeckError(f"{path} is not a directory")
     report = None
     if (path / "adapter").is_dir():
-        if (path / "report.json").exists():
-            report = json.loads((path / "report.json").read_text())
+        report_file = path / "report.json"
+        if report_file.is_symlink() or (report_file.exists() and not report_file.is_file()):
+            raise PublishRefused(str(path), ["report.json is not a regular file"])
+        if report_file.exists():
+            report, problem = read_json_object(report_file, MAX_REPORT_BYTES, allow_nan=True)
+            if problem:
+                raise PublishRefused(str(path), [problem])
         path = path / "adapter"
     return path, report
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The tensors of a safetensors file, and what is wrong with the file (empty when sound)."""
+    """The tensors of a safetensors file, and what is wrong with the file (empty when sound).
+
+    Checks what the safetensors loader checks, without trusting the file: the header length
+    against the file's size (before reading it), the header's shape, each tensor's dtype, shape and
+    byte range, and that the tensors tile the data exactly (no overlap, no gap, nothing missing).
+    """
+    name = path.name
     size = path.stat().st_size
     if size < 8:
-        return {}, [f"{path.name} is {size} bytes: too short to be safetensors"]
+        return {}, [f"{name} is {size} bytes: too short to be safetensors"]
     with path.open("rb") as fh:
         (length,) = struct.unpack("<Q", fh.read(8))
-        if length > min(size - 8, 100 * 1024**2):
+        if length > size - 8:
             return {}, [
-                f"{path.name}: header length {length} does not fit the file ({size} bytes); truncated?"
+                f"{name}: header length {length} does not fit the file ({size} bytes); "
+                "truncated, or not a safetensors file?"
             ]
-        try:
-            header = json.loads(fh.read(length))
-        except ValueError as exc:
-            return {}, [f"{path.name}: the header is not valid JSON ({exc})"]
+        if length > MAX_HEADER_BYTES:
+            return {}, [f"{name}: the header is {length:,} bytes; the limit is {MAX_HEADER_BYTES:,}"]
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return {}, [f"{name}: the header is not UTF-8 text (byte {exc.start + 9}); not a safetensors file?"]
+    except RecursionError:
+        return {}, [f"{name}: the header nests JSON too deeply; not a safetensors header"]
+    except ValueError as exc:
+        return {}, [f"{name}: the header is not valid JSON ({str(exc).split(';')[0]})"]
     if not isinstance(header, dict):
-        return {}, [f"{path.name}: the header is not a JSON object"]
-    header.pop("__metadata__", None)
+        return {}, [f"{name}: the header is a JSON {json_type_name(header)}, not an object"]
     problems: list[str] = []
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        problems.append(f"{name}: __metadata__ must map names to strings")
     data_bytes = size - 8 - length
-    end = 0
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, stop) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{path.name}: tensor {name} has a malformed header entry")
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, Any] = {}
+    for key, info in header.items():
+        label = f"{name}: tensor {shown(key, 60)}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            problems.append(f"{label} has a malformed header entry (needs dtype, shape and data_offsets)")
             continue
-        if dtype not in DTYPE_BYTES:
-            problems.append(f"{path.name}: tensor {name} has unknown dtype {dtype}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+            problems.append(f"{label} has unknown dtype {shown(str(dtype), 40)}")
             continue
-        if stop - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             problems.append(
-                f"{path.name}: tensor {name} {dtype}{shape} does not fill its {stop - start} bytes"
+                f"{label}: shape must be a list of non-negative integers, got {shown(str(shape), 60)}"
             )
-        end = max(end, stop)
+            continue
+        if (
+            not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets))
+            or offsets[0] > offsets[1]
+        ):
+            problems.append(f"{label}: data_offsets must be [start, end] with 0 <= start <= end")
+            continue
+        start, stop = offsets
+        if stop - start != math.prod(shape) * DTYPE_BYTES[dtype]:
+            problems.append(f"{label} {dtype}{shown(str(shape), 60)} does not fill its {stop - start} bytes")
+            continue
+        spans.append((start, stop, key))
+        tensors[key] = info
+    end = max((stop for _, stop, _ in spans), default=0)
     if end > data_bytes:
         problems.append(
-            f"{path.name} is truncated: its header needs {end} bytes of data, the file has {data_bytes}"
+            f"{name} is truncated: its header needs {end} bytes of data, the file has {data_bytes}"
         )
-    return header, problems
+    elif not problems:
+        spans.sort()
+        previous_stop, previous = 0, None
+        for start, stop, key in spans:
+            if start < previous_stop:
+                problems.append(f"{name}: tensors {shown(previous or '', 60)} and {shown(key, 60)} overlap")
+            elif start > previous_stop:
+                gap = start - previous_stop
+                problems.append(f"{name}: {gap} bytes before tensor {shown(key, 60)} belong to no tensor")
+            previous_stop, previous = max(previous_stop, stop), key
+        if end < data_bytes:
+            problems.append(f"{name}: {data_bytes - end} bytes after the last tensor belong to no tensor")
+    return tensors, problems
 
 
 @lru_cache(maxsize=16)
@@ -152,9 +285,102 @@ def base_record_for(name: str) -> BaseRecord:
     )
 
 
+def _got(value: Any) -> str:
+    """A decoded JSON value as the user wrote it, cut short, for messages."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:36] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_problems(config: dict[str, Any]) -> list[str]:
+    """Type errors in adapter_config.json that PEFT would only trip over when loading the adapter."""
+    from peft.utils import PeftType
+
+    found: list[str] = []
+    peft_type = config.get("peft_type")
+    if not isinstance(peft_type, str) or peft_type not in PeftType.__members__:
+        found.append(f"{PEFT_CONFIG}: peft_type {_got(peft_type)} is not an adapter type PEFT knows")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        found.append(f"{PEFT_CONFIG}: base_model_name_or_path must be a string, got {_got(base)}")
+    if peft_type != "LORA":
+        return found
+
+    def names(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(m, str) for m in v)
+
+    def table(of: Callable[[Any], bool]) -> Callable[[Any], bool]:
+        return lambda v: v is None or (isinstance(v, dict) and all(map(of, v.values())))
+
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("r", _is_positive_int, "a positive integer"),
+        ("lora_alpha", _is_number, "a number"),
+        ("target_modules", lambda v: isinstance(v, str) or (names(v) and bool(v)),
+         "a list of module names or a regular expression"),
+        ("lora_dropout", lambda v: v is None or (_is_number(v) and 0 <= v < 1), "a number from 0 to 1"),
+        ("rank_pattern", table(_is_positive_int), "an object of positive integers"),
+        ("alpha_pattern", table(_is_number), "an object of numbers"),
+        ("bias", lambda v: v is None or v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+        ("use_dora", lambda v: v is None or isinstance(v, bool), "true or false"),
+        ("modules_to_save", lambda v: v is None or names(v), "a list of module names"),
+    ]  # fmt: skip
+    for key, ok, expected in checks:
+        value = config.get(key)
+        if not ok(value):
+            found.append(f"{PEFT_CONFIG}: {key} must be {expected}, got {_got(value)}")
+    return found
+
+
+def _meta_problems(meta: dict[str, Any]) -> list[str]:
+    """Type errors in adapterdeck.json: every field it has is used as it is."""
+    found: list[str] = []
+    for key in ("method", "base", "base_fingerprint", "data_sha256", "format", "adapterdeck_version"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            found.append(f"{ADAPTER_META}: {key} must be a string, got {_got(meta[key])}")
+    if meta.get("params") is not None and not isinstance(meta["params"], dict):
+        found.append(f"{ADAPTER_META}: params must be an object, got {_got(meta['params'])}")
+    served_by = meta.get("served_by")
+    if served_by is not None and not (
+        isinstance(served_by, list) and all(isinstance(e, str) and e in ENGINES for e in served_by)
+    ):
+        found.append(
+            f"{ADAPTER_META}: served_by must be a list of {', '.join(ENGINES)}, got {_got(served_by)}"
+        )
+    return found
+
+
+def _report_problems(report: dict[str, Any]) -> list[str]:
+    """Type errors in the fields of a run's report.json that a version records."""
+    found: list[str] = []
+    for key in ("data", "test", "versions"):
+        if report.get(key) is not None and not isinstance(report[key], dict):
+            found.append(f"report.json: {key} must be an object, got {_got(report[key])}")
+    if found:
+        return found
+    data, test = report.get("data") or {}, report.get("test") or {}
+    for key in ("sha256", "format"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            found.append(f"report.json: data.{key} must be a string, got {_got(data[key])}")
+    if test.get("metrics") is not None and not isinstance(test["metrics"], dict):
+        found.append(f"report.json: test.metrics must be an object, got {_got(test['metrics'])}")
+    if not all(isinstance(v, str) for v in (report.get("versions") or {}).values()):
+        found.append("report.json: versions must map library names to version strings")
+    return found
+
+
 def _lora_problems(
     config: dict[str, Any], tensors: dict[str, Any], base: BaseRecord, max_rank: int
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
+    """What makes a LoRA unusable by any engine (tensors that do not fit the base or the config), and
+    what only vLLM refuses."""
+    broken: list[str] = []
     problems: list[str] = []
     r = int(config.get("r", 0))
     ranks = [r, *[int(v) for v in (config.get("rank_pattern") or {}).values()]]
@@ -171,7 +397,7 @@ def _lora_problems(
     for key, info in tensors.items():
         if ".lora_A." not in key and ".lora_B." not in key:
             if "lora_magnitude_vector" not in key:  # DoRA, reported above
-                problems.append(f"tensor {key} is not a LoRA A/B matrix")
+                problems.append(f"tensor {shown(key, 100)} is not a LoRA A/B matrix")
             continue
         part = "A" if ".lora_A." in key else "B"
         module = key.split(f".lora_{part}.")[0].removeprefix(PEFT_PREFIX)
@@ -187,14 +413,49 @@ def _lora_problems(
         rank = shape[0] if part == "A" else (shape[1] if len(shape) > 1 else None)
         expected = [rank, fan_in] if part == "A" else [fan_out, rank]
         if shape != expected:
-            problems.append(f"{key} has shape {shape}; the base's {module} needs {expected}")
+            broken.append(f"{key} has shape {shape}; the base's {module} needs {expected}")
         elif rank not in ranks:
-            problems.append(f"{key} has rank {rank}, but adapter_config.json says r={r}")
+            broken.append(f"{key} has rank {rank}, but adapter_config.json says r={r}")
     for module in seen_missing:
-        problems.append(f"targets {module}, which is not a linear layer of the base")
+        problems.append(f"targets {shown(module, 100)}, which is not a linear layer of the base")
     if not any(".lora_A." in k for k in tensors):
-        problems.append("has no LoRA weights")
-    return problems
+        broken.append("has no LoRA weights")
+    return broken, problems
+
+
+def _listing(directory: Path) -> tuple[dict[str, Path], set[str], list[str]]:
+    """The adapter's files by name, every name present, and what is wrong with the directory.
+
+    Only regular files with an adapter's names are accepted; anything else (a symbolic link, a
+    subdirectory, a device, an unexpected or unsafe name) is a reason to refuse, and is never read.
+    Hidden files (editor and OS droppings) are neither published nor read.
+    """
+    files: dict[str, Path] = {}
+    present: set[str] = set()
+    problems: list[str] = []
+    for entry in sorted(directory.iterdir()):
+        name = entry.name
+        if name.startswith("."):
+            continue
+        present.add(name)
+        problem = file_name_problem(name)
+        if problem:
+            problems.append(problem)
+        elif entry.is_symlink():
+            problems.append(f"{name} is a symbolic link; an adapter holds only regular files")
+        elif entry.is_dir():
+            problems.append(f"{name}/ is a directory; an adapter directory holds only files")
+        elif not entry.is_file():
+            problems.append(f"{name} is not a regular file")
+        elif name == PICKLED_WEIGHTS:
+            continue  # refused with what to do instead
+        elif name not in ADAPTER_FILES:
+            problems.append(
+                f"unexpected file {shown(name)}; an adapter holds only {', '.join(ADAPTER_FILES)}"
+            )
+        else:
+            files[name] = entry
+    return files, present, problems
 
 
 def validate(
@@ -208,46 +469,60 @@ def validate(
 ) -> Candidate:
     """Check an adapter (or run) directory; raise ``PublishRefused`` with every reason, or return it."""
     directory, report = locate(path)
-    reasons: list[str] = []
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    listed = [(p.name, p, p.stat().st_size) for p in files]
+    found, present, reasons = _listing(directory)
+    listed = [(name, p, p.stat().st_size) for name, p in sorted(found.items())]
     size = sum(s for _, _, s in listed)
     if size > max_bytes:
         reasons.append(f"the adapter is {size:,} bytes; the limit is {max_bytes:,}")
+    if not present:
+        reasons.append(f"{directory} is empty")
 
     config: dict[str, Any] = {}
-    config_file = directory / PEFT_CONFIG
-    if not config_file.exists():
-        reasons.append(f"no {PEFT_CONFIG}")
-    else:
-        try:
-            from peft import PeftConfig
+    config_ok = False
+    if PEFT_CONFIG in found:
+        loaded, problem = read_json_object(found[PEFT_CONFIG])
+        problems = [problem] if problem else _config_problems(loaded or {})
+        if not problems:
+            try:
+                from peft import PeftConfig
 
-            PeftConfig.from_pretrained(str(directory))
-            config = json.loads(config_file.read_text())
-        except Exception as exc:
-            reasons.append(f"{PEFT_CONFIG} is not a config PEFT can read: {exc}")
+                PeftConfig.from_pretrained(str(directory))
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                problems.append(f"{PEFT_CONFIG} is not a config PEFT can read: {first[:300]}")
+        reasons.extend(problems)
+        config, config_ok = loaded or {}, not problems
+    elif PEFT_CONFIG not in present:
+        reasons.append(f"no {PEFT_CONFIG}")
     meta: dict[str, Any] = {}
-    if (directory / ADAPTER_META).exists():
-        try:
-            meta = json.loads((directory / ADAPTER_META).read_text())
-        except ValueError as exc:
-            reasons.append(f"{ADAPTER_META} is not valid JSON: {exc}")
+    if ADAPTER_META in found:
+        loaded, problem = read_json_object(found[ADAPTER_META])
+        problems = [problem] if problem else _meta_problems(loaded or {})
+        reasons.extend(problems)
+        meta = loaded if loaded and not problems else {}
+    if report is not None:
+        problems = _report_problems(report)
+        reasons.extend(problems)
+        report = None if problems else report
 
     tensors: dict[str, Any] = {}
-    if (directory / WEIGHTS).exists():
-        tensors, problems = read_safetensors_header(directory / WEIGHTS)
+    if WEIGHTS in found:
+        tensors, problems = read_safetensors_header(found[WEIGHTS])
         reasons.extend(problems)
-    elif (directory / "adapter_model.bin").exists():
+        if PICKLED_WEIGHTS in present:
+            reasons.append(f"unexpected file {PICKLED_WEIGHTS} (pickled weights); remove it")
+    elif PICKLED_WEIGHTS in present:
         reasons.append("the weights are a pickle (adapter_model.bin); save them as adapter_model.safetensors")
-    else:
+    elif WEIGHTS not in present:
         reasons.append(f"no {WEIGHTS}")
 
     base_record: BaseRecord | None = None
-    wanted = base or meta.get("base") or config.get("base_model_name_or_path")
+    named = config.get("base_model_name_or_path")
+    wanted = base or meta.get("base") or (named if isinstance(named, str) else None)
     fingerprint = None if base else meta.get("base_fingerprint")
     if not wanted and not fingerprint:
-        reasons.append("names no base model (adapter_config.json base_model_name_or_path); pass --base")
+        if config_ok or PEFT_CONFIG not in found:  # else the unreadable config is the reason
+            reasons.append("names no base model (adapter_config.json base_model_name_or_path); pass --base")
     else:
         try:
             fresh = None
@@ -277,8 +552,9 @@ def validate(
 
     peft_type = str(config.get("peft_type", ""))
     served_by = list(meta.get("served_by") or [])
-    if config and peft_type == "LORA" and base_record is not None and tensors:
-        lora = _lora_problems(config, tensors, base_record, max_rank)
+    if config_ok and peft_type == "LORA" and base_record is not None and tensors:
+        broken, lora = _lora_problems(config, tensors, base_record, max_rank)
+        reasons.extend(broken)
         if not served_by:  # a plain PEFT adapter: vLLM serves it if it follows vLLM's rules
             served_by = [ENGINE_PEFT] if lora else [ENGINE_VLLM, ENGINE_PEFT]
         elif ENGINE_VLLM in served_by:

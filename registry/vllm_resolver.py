@@ -56,12 +56,15 @@ class AdapterdeckResolver:
     def materialize(self, base_model_name: str, lora_name: str) -> str | None:
         """The local directory holding ``lora_name``'s files, or None when it must not be served."""
         from adapterdeck.core.errors import AdapterdeckError
+        from adapterdeck.core.formats import shown
         from adapterdeck.core.methods import ENGINE_VLLM
         from adapterdeck.registry.refs import InvalidRef, parse_ref
 
+        # Names come from API clients: log them with repr, cut short, never as they are.
         try:
             ref = parse_ref(lora_name)
-        except InvalidRef:
+        except InvalidRef as exc:
+            logger.warning("refusing %s: %s", shown(lora_name), exc)
             return None
         if not ref.immutable:
             logger.warning("refusing %s: only immutable tenant/name@N references are served", lora_name)
@@ -77,7 +80,17 @@ class AdapterdeckResolver:
         if info.base_fingerprint != self._base_fingerprint(base_model_name):
             logger.warning("refusing %s: it was published for another base (%s)", lora_name, base_model_name)
             return None
-        return str(registry.materialize(info, cache_dir()))
+        cache = cache_dir()
+        try:
+            path = registry.materialize(info, cache)
+        except AdapterdeckError as exc:
+            logger.warning("refusing %s: %s", lora_name, exc)
+            return None
+        # The directory handed to vLLM must be inside the cache, whatever the records say.
+        if not path.resolve().is_relative_to(cache.resolve()):
+            logger.warning("refusing %s: its files would be outside the cache %s", lora_name, cache)
+            return None
+        return str(path)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         from vllm.lora.request import LoRARequest
