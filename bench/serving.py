@@ -147,14 +147,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_server(base: Path, home: Path, workdir: Path) -> Server:
+def start_server(base: Path, home: Path, workdir: Path, nice: int = 0) -> Server:
     port, vllm_port = free_port(), free_port()
     log = workdir / "serve.log"
+    config = workdir / "serve.yaml"
+    config.write_text(f"vllm: {{nice: {nice}}}\n")
     env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
         sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base),
         "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512",
-        "--dtype", "float32", "--served-name", SERVED,
+        "--dtype", "float32", "--served-name", SERVED, "--config", str(config),
     ]  # fmt: skip
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -198,10 +200,12 @@ class Cell:
     results: list[Result] = field(default_factory=list)
     cpu: float = 0.0  # gateway process CPU seconds spent during this side's blocks
     vllm_cpu: float = 0.0  # vLLM's processes' CPU seconds spent during this side's blocks
+    blocks: list[float] = field(default_factory=list)  # tokens/s of each block, in order
 
     def add(self, wall: float, results: list[Result], cpu: float = 0.0, vllm_cpu: float = 0.0) -> None:
         self.wall += wall
         self.results += results
+        self.blocks.append(sum(r.tokens for r in results) / wall if wall else 0.0)
         self.cpu += cpu
         self.vllm_cpu += vllm_cpu
 
@@ -293,8 +297,15 @@ def group_cpu_seconds(pgid: int | None) -> float:
 # --- the three measurements --------------------------------------------------------------------
 
 
+def paired_ratio(top: Cell, bottom: Cell) -> float:
+    """The median over block pairs of top/bottom throughput: each pair ran back to back, so a
+    slow drift or a burst of other load on the machine hits both halves of a pair alike."""
+    ratios = [t / b for t, b in zip(top.blocks, bottom.blocks, strict=False) if b]
+    return statistics.median(ratios) if ratios else 0.0
+
+
 async def gateway_vs_direct(
-    client: httpx.AsyncClient, server: Server, auth: dict[str, str], requests: int
+    client: httpx.AsyncClient, server: Server, auth: dict[str, str], requests: int, pairs: int
 ) -> dict[int, tuple[Cell, Cell]]:
     sides = {"gateway": (server.url, auth), "direct": (server.vllm_url, {})}
     for url, headers in sides.values():  # warm both paths (connections, vLLM's first batches)
@@ -303,8 +314,8 @@ async def gateway_vs_direct(
     for concurrency in (1, 8, 32):
         # Blocks of at least 2x the concurrency (so a block is mostly steady state), in pairs
         # G D, D G, G D, ... so that slow drifts of the machine's load hit both sides alike.
-        size = max(2 * concurrency, 8)
-        blocks = max(2, -(-max(requests, 4 * concurrency) // size))
+        size = max(2 * concurrency, requests // pairs, 8)
+        blocks = pairs
         cells = {"gateway": Cell(), "direct": Cell()}
         for pair in range(blocks):
             for turn, side in enumerate(("gateway", "direct") if pair % 2 == 0 else ("direct", "gateway")):
@@ -343,6 +354,7 @@ async def adapter_mix(
     names: list[str],
     requests: int,
     conc: int,
+    rounds: int,
 ) -> dict[tuple[int, str], Cell]:
     warm = await batch(client, server.url, auth, [body(n, i) for i, n in enumerate(names)], 8)
     say(f"(b) warmed {len(names)} adapters in {warm[0]:.1f} s ({sum(not r.ok for r in warm[1])} errors)")
@@ -350,17 +362,16 @@ async def adapter_mix(
     # The same mixes sent straight to vLLM (immutable refs, as the gateway sends them) tell the
     # gateway's share of any slowdown from vLLM's.
     sides = {"gateway": (server.url, auth, ""), "direct": (server.vllm_url, {}, "@1")}
-    n = max(requests, 2 * conc)
-    half = (n + 1) // 2
+    size = max(2 * conc, requests // rounds)
     order = [(k, side) for k in mixes for side in sides]
     cells = {key: Cell() for key in order}
-    for round_ in range(2):
-        for k, side in order if round_ == 0 else reversed(order):
+    for round_ in range(rounds):
+        for k, side in order if round_ % 2 == 0 else reversed(order):
             url, headers, suffix = sides[side]
             models = [m if m == SERVED else m + suffix for m in mixes[k]]
-            payloads = [body(models[i % len(models)], round_ * half + i) for i in range(half)]
+            payloads = [body(models[i % len(models)], round_ * size + i) for i in range(size)]
             cells[k, side].add(*await batch(client, url, headers, payloads, conc))
-        say(f"(b) round {round_ + 1}/2 done")
+        say(f"(b) round {round_ + 1}/{rounds} done")
     return cells
 
 
@@ -434,14 +445,20 @@ def report(
                 f"{concurrency:>4} {name:<8} {cell.n:>4} {cell.errors:>3} {cell.rps:>7.2f} {cell.tps:>7.1f} "
                 f"{cell.pct(0.5):>8.1f} {cell.pct(0.95):>8.1f} {cpu}"
             )
-        ratio = g.tps / d.tps if d.tps else 0.0
+        ratio = paired_ratio(g, d)
+        pooled = g.tps / d.tps if d.tps else 0.0
         added = g.pct(0.5) - d.pct(0.5)
         print(
-            f"{'':>4} ratio gateway/direct throughput {ratio:.3f} (goal >= {GOAL_GATEWAY}) "
-            f"{verdict(ratio >= GOAL_GATEWAY)}; p50 added {added:+.1f} ms"
+            f"{'':>4} ratio gateway/direct throughput {ratio:.3f} (median of {len(g.blocks)} pairs; "
+            f"pooled {pooled:.3f}) (goal >= {GOAL_GATEWAY}) {verdict(ratio >= GOAL_GATEWAY)}; "
+            f"p50 added {added:+.1f} ms"
         )
     print()
-    print(f"(b) adapters in the mix vs base only — gateway and direct vLLM, concurrency {conc_b}, 2 rounds")
+    rounds = len(b[0, "gateway"].blocks)
+    print(
+        f"(b) adapters in the mix vs base only — gateway and direct vLLM, concurrency {conc_b}, "
+        f"{rounds} rounds (x base: median over rounds of the round's ratio to its base block)"
+    )
     head = (
         f"{'adapters':>8} {'side':<8} {'n':>4} {'err':>3} {'req/s':>7} {'tok/s':>7} {'p50 ms':>8}"
         f" {'p95 ms':>8} "
@@ -450,8 +467,7 @@ def report(
     print(head)
     print("-" * len(head))
     for (k, side), cell in b.items():
-        base_tps = b[0, side].tps
-        ratio = cell.tps / base_tps if base_tps else 0.0
+        ratio = paired_ratio(cell, b[0, side])
         mark = "" if k == 0 or side != "gateway" else f"  {verdict(ratio >= GOAL_ADAPTERS)}"
         print(
             f"{k or 'base':>8} {side:<8} {cell.n:>4} {cell.errors:>3} {cell.rps:>7.2f} {cell.tps:>7.1f} "
@@ -478,23 +494,27 @@ def report(
     print()
 
 
-async def measure(server: Server, key: str, names: list[str], cold: list[str], requests: int, conc_b: int):
+async def measure(
+    server: Server, key: str, names: list[str], cold: list[str], requests: int, conc_b: int, pairs: int
+):
     auth = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=5), limits=limits) as client:
         r = await client.post(f"{server.url}/v1/chat/completions", json=body(SERVED, 0), headers=auth)
         sample = r.json() if r.status_code == 200 else None
-        a = await gateway_vs_direct(client, server, auth, requests)
+        a = await gateway_vs_direct(client, server, auth, requests, pairs)
         c = await cold_vs_loaded(client, server, auth, cold)
-        b = await adapter_mix(client, server, auth, names, requests, conc_b)
+        b = await adapter_mix(client, server, auth, names, requests, conc_b, pairs)
     return a, b, c, sample
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--requests", type=int, default=48, help="requests per side per cell (at least 2x concurrency)"
+        "--requests", type=int, default=192, help="requests per side per cell (at least 2x concurrency)"
     )
+    parser.add_argument("--vllm-nice", type=int, default=0, help="serve setting vllm.nice")
+    parser.add_argument("--pairs", type=int, default=6, help="blocks per side per cell, interleaved")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "serving")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrency of (b)")
     parser.add_argument("--cold", type=int, default=7, help="never-loaded adapters for (c)")
@@ -502,11 +522,13 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     base, home, names, cold, key = prepare(args.workdir, args.cold)
-    server = start_server(base, home, args.workdir)
+    server = start_server(base, home, args.workdir, args.vllm_nice)
     say(f"server pid {server.proc.pid}, gateway {server.url}, vLLM {server.vllm_url}, log {server.log}")
     try:
         say(f"ready after {wait_ready(server):.0f} s")
-        a, b, c, sample = asyncio.run(measure(server, key, names, cold, args.requests, args.concurrency))
+        a, b, c, sample = asyncio.run(
+            measure(server, key, names, cold, args.requests, args.concurrency, args.pairs)
+        )
     finally:
         server.stop()
     costs = breakdown(home, key, names, sample)

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
@@ -44,6 +45,8 @@ from adapterdeck.serve.experiments import Traffic, user_id
 from adapterdeck.serve.experiments import router as experiment_router
 from adapterdeck.serve.finetune import fine_tuned_models, fine_tuned_ref
 from adapterdeck.serve.finetune import router as finetune_router
+from adapterdeck.serve.limits import BodyLimit, Limiter
+from adapterdeck.serve.limits import then as _then
 from adapterdeck.serve.metrics import Metrics
 from adapterdeck.serve.settings import ServeSettings
 from adapterdeck.serve.vllm_process import VllmSupervisor
@@ -119,6 +122,12 @@ class Gateway:
         # a bare name is resolved on every request, so a move or a publish is live at once).
         self._keys: dict[str, tuple[float, Principal]] = {}
         self._versions: dict[str, tuple[float, Any]] = {}
+        # The last answer for every key and name, used only while the database cannot be reached:
+        # keys and adapters the gateway has already seen keep working through an outage.
+        self._last_keys: dict[str, Principal] = {}
+        self._last_versions: dict[str, Any] = {}
+        self.database_ok = True
+        self.limiter = Limiter(settings.limits, settings.tenant_limits)
 
     # -- auth and routing ----------------------------------------------------------------------
 
@@ -127,27 +136,62 @@ class Gateway:
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise unauthorized()
-        key = key.strip()
+        who = await self._authenticate(key.strip())
+        if who.tenant is not None:
+            await self.limiter.check(who.tenant)
+        return who
+
+    async def _authenticate(self, key: str) -> Principal:
         now = time.monotonic()
         cached = self._keys.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        found = await asyncio.to_thread(authenticate, self.registry, key)
+        try:
+            found = await asyncio.to_thread(authenticate, self.registry, key)
+        except SQLAlchemyError as exc:
+            self._database_down(exc)
+            if key in self._last_keys:
+                return self._last_keys[key]
+            raise unavailable("The registry database cannot be reached; retry shortly.") from None
+        self.database_ok = True
         if found is None:
             raise unauthorized("Invalid API key.")
         if len(self._keys) > 10_000:
             self._keys.clear()
+            self._last_keys.clear()
         self._keys[key] = (now + KEY_TTL, found)
+        self._last_keys[key] = found
         return found
+
+    def _database_down(self, exc: Exception) -> None:
+        if self.database_ok:
+            logger.warning("the registry database cannot be reached: %s", type(exc).__name__)
+        self.database_ok = False
+
+    async def _lookup(self, ref: Any) -> Any:
+        """The registry's answer for ``ref``; its last answer while the database is down."""
+        name = str(ref)
+        try:
+            info = await asyncio.to_thread(self.registry.resolve, ref)
+        except SQLAlchemyError as exc:
+            self._database_down(exc)
+            if name in self._last_versions:
+                return self._last_versions[name]
+            raise unavailable("The registry database cannot be reached; retry shortly.") from None
+        self.database_ok = True
+        if len(self._last_versions) > 100_000:
+            self._last_versions.clear()
+        self._last_versions[name] = info
+        return info
 
     async def _resolve(self, ref: Any) -> Any:
         if not ref.immutable:
-            return await asyncio.to_thread(self.registry.resolve, ref)
+            return await self._lookup(ref)
         now, name = time.monotonic(), str(ref)
         cached = self._versions.get(name)
         if cached is not None and cached[0] > now:
             return cached[1]
-        info = await asyncio.to_thread(self.registry.resolve, ref)
+        info = await self._lookup(ref)
         if len(self._versions) > 10_000:
             self._versions.clear()
         self._versions[name] = (now + VERSION_TTL, info)
@@ -332,6 +376,35 @@ class Gateway:
         field = "messages" if path.endswith("chat/completions") else "prompt"
         if field not in body:
             raise bad_request(f"'{field}' is required.", field)
+        self._check_bounds(body)
+        if principal.tenant is None:  # admin keys have no per-tenant limits
+            return await self._complete(path, request, body, principal)
+        with self.limiter.slot(principal.tenant) as release_later:
+            response = await self._complete(path, request, body, principal)
+            if isinstance(response, StreamingResponse):  # the slot is held until the stream ends
+                response.body_iterator = _then(response.body_iterator, release_later())
+            return response
+
+    def _check_bounds(self, body: dict[str, Any]) -> None:
+        """Refuse what would tie an engine up: a huge max_tokens or n, a non-boolean stream."""
+        limit = self.settings.max_tokens or self.settings.vllm.max_model_len
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad_request(f"'{name}' must be a positive integer.", name)
+            if limit is not None and value > limit:
+                raise bad_request(f"'{name}' is {value}; this server allows at most {limit}.", name)
+        n, max_n = body.get("n"), self.settings.max_n
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n):
+            raise bad_request(f"'n' must be an integer from 1 to {max_n}.", "n")
+        if not isinstance(body.get("stream", False), bool):
+            raise bad_request("'stream' must be true or false.", "stream")
+
+    async def _complete(
+        self, path: str, request: Request, body: dict[str, Any], principal: Principal
+    ) -> Response:
         target = await self.route(body.get("model"), principal, user_id(body, request))
         labels = target.labels
         outcome = Outcome()
@@ -442,15 +515,18 @@ class Gateway:
                 ok = False
             vllm["status"] = "ready" if ok else "unreachable"
         peft = self.peft.health() if self.peft is not None else {"status": "idle", "adapters": 0}
-        ok = vllm["status"] == "ready"
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.registry.ping), timeout=5)
+            self.database_ok = True
+        except (SQLAlchemyError, TimeoutError) as exc:
+            self._database_down(exc)
+        ok = vllm["status"] == "ready" and self.database_ok
         return {
             "status": "ok" if ok else "degraded",
             "gateway": "ok",
+            "database": "ok" if self.database_ok else "unreachable",
             "engines": {"vllm": vllm, "peft": peft},
-            "experiments": {
-                "running": len(self.traffic.running),
-                "database": "ok" if self.traffic.database_ok else "unreachable",
-            },
+            "experiments": {"running": len(self.traffic.running)},
         }
 
 
@@ -493,6 +569,7 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
 
     app = FastAPI(title="adapterdeck", version="1", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes, uploads=settings.max_upload_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -505,8 +582,11 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error")
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        # The details go to the log under an id, never to the client (they may hold secrets).
+        incident = uuid.uuid4().hex[:12]
+        logger.exception("unexpected error (incident %s)", incident)
+        message = f"internal error (incident {incident}); the server log has the details"
+        return ApiError(500, message, "server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -520,8 +600,10 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(who: Caller) -> Response:
+        # A tenant sees only its own series: other tenants' adapter names never show.
+        view = gateway.metrics.registry if who.is_admin else gateway.metrics.view(who.tenant or "")
+        return Response(generate_latest(view), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(who: Caller) -> dict[str, Any]:

@@ -3,7 +3,10 @@ A/B experiment routed, by the experiment (its public name) and the variant (empt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -62,3 +65,27 @@ class Metrics:
             ("experiment", "variant"),
             registry=self.registry,
         )
+
+    def view(self, tenant: str) -> TenantView:
+        return TenantView(self.registry, tenant)
+
+
+class TenantView:
+    """The series one tenant may see: its own, and those that name no tenant or adapter at all."""
+
+    def __init__(self, registry: CollectorRegistry, tenant: str) -> None:
+        self.registry, self.tenant, self.prefix = registry, tenant, f"{tenant}/"
+
+    def _visible(self, labels: dict[str, str]) -> bool:
+        if "tenant" in labels and labels["tenant"] != self.tenant:
+            return False
+        return all(
+            not labels.get(name) or "/" not in labels[name] or labels[name].startswith(self.prefix)
+            for name in ("model", "experiment")
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            visible = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            visible.samples = [s for s in metric.samples if self._visible(s.labels)]
+            yield visible

@@ -26,9 +26,23 @@ class VllmSettings(Strict):
     max_model_len: int | None = None
     dtype: str = "auto"
     kv_cache_gib: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (GiB) on CPU machines")
+    nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="run vLLM at this lower CPU priority, so the gateway (light, latency-bound) on the "
+        "same cores is scheduled at once",
+    )
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout: float = 900
     restart_backoff: float = 2.0
+
+
+class LimitSettings(Strict):
+    """Per-tenant limits (None: unlimited); over a limit a request gets 429 with Retry-After."""
+
+    requests_per_minute: int | None = Field(None, ge=1, description="requests per minute (moving window)")
+    concurrent_requests: int | None = Field(None, ge=1, description="completions in flight at once")
 
 
 class RegistryLocation(Strict):
@@ -57,6 +71,16 @@ class ServeSettings(Strict):
     port: int = 8000
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     registry: RegistryLocation = Field(default_factory=RegistryLocation)
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="every tenant's limits")
+    tenant_limits: dict[str, LimitSettings] = Field(
+        default_factory=dict, description="limits of named tenants, replacing `limits` for them"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest upload (adapter files, files)")
+    max_tokens: int | None = Field(
+        None, ge=1, description="largest max_tokens a request may ask for (default: the model length)"
+    )
+    max_n: int = Field(8, ge=1, description="largest n (choices per request)")
     peft_max_batch: int = Field(8, ge=1, description="embedded PEFT engine: requests per batch")
     peft_batch_wait_ms: float = Field(10, ge=0, description="embedded PEFT engine: wait to fill a batch")
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)

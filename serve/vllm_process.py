@@ -53,6 +53,8 @@ class VllmSupervisor:
         ]  # fmt: skip
         if v.max_model_len:
             cmd += ["--max-model-len", str(v.max_model_len)]
+        if v.nice:  # `nice` execs vLLM: same process, lower priority
+            cmd = ["nice", "-n", str(v.nice), *cmd]
         return cmd + list(v.extra_args)
 
     async def start(self) -> None:

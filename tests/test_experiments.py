@@ -344,7 +344,7 @@ def test_an_experiment_end_to_end_with_feedback_and_a_verdict(stack: Stack, gate
     text = _cli(["experiment", "show", "acme/chat"], env={"ADAPTERDECK_HOME": str(stack.home)}).stdout
     assert "v1 (control)" in text and "v2 (candidate)" in text and "verdict: v2 better" in text
 
-    metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    metrics = gateway.api("GET", "/metrics").text
     assert 'experiment="acme/chat"' in metrics and 'variant="v2"' in metrics
     assert 'adapterdeck_shadow_requests_total{experiment="acme/chat",status="200",variant="v3"}' in metrics
     assert 'adapterdeck_feedback_total{experiment="acme/chat",variant="v2"}' in metrics

@@ -298,7 +298,9 @@ def test_bad_requests_get_json_errors(serving: Serving) -> None:
 
 def test_metrics_and_health(serving: Serving) -> None:
     chat(serving.client("globex"), "globex/sentiment", PROMPTS[4])
-    text = httpx.get(f"{serving.url}/metrics", timeout=10).text
+    admin = {"Authorization": f"Bearer {serving.keys['admin']}"}
+    assert httpx.get(f"{serving.url}/metrics", timeout=10).status_code == 401
+    text = httpx.get(f"{serving.url}/metrics", headers=admin, timeout=10).text
     assert (
         'adapterdeck_requests_total{endpoint="/v1/chat/completions",engine="vllm",experiment="",'
         'model="globex/sentiment@1",status="200",tenant="globex",variant=""}' in text
