@@ -621,12 +621,20 @@ class FineTuning:
                 update(t.ft_jobs).where(self._mine(job_id, worker_id)).values(hyperparameters=resolved)
             )
 
-    def start_publishing(self, job_id: str, worker_id: str) -> bool:
-        """Mark the job as publishing (no cancel from now on); False if it is no longer ours."""
+    def start_publishing(self, job_id: str, worker_id: str, lease_seconds: float) -> bool:
+        """Mark the job as publishing (no cancel from now on) and hold it for ``lease_seconds``;
+        False if it is no longer ours."""
+        now = _now()
         with write_transaction(self.engine) as conn:
             return bool(
                 conn.execute(
-                    update(t.ft_jobs).where(self._mine(job_id, worker_id)).values(publishing=1)
+                    update(t.ft_jobs)
+                    .where(self._mine(job_id, worker_id))
+                    .values(
+                        publishing=1,
+                        heartbeat_at=now,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    )
                 ).rowcount
             )
 

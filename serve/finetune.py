@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import tempfile
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -117,12 +118,18 @@ class JobCreate(_Strict):
 # -- helpers ------------------------------------------------------------------------------------
 
 
+_OPEN: weakref.WeakKeyDictionary[Registry, FineTuning] = weakref.WeakKeyDictionary()
+
+
+def _fine_tuning(registry: Registry) -> FineTuning:
+    if registry not in _OPEN:
+        _OPEN[registry] = FineTuning(registry)
+    return _OPEN[registry]
+
+
 def _state(request: Request) -> tuple[ServeSettings, FineTuning]:
     gateway = request.app.state.gateway
-    jobs = getattr(request.app.state, "fine_tuning", None)
-    if jobs is None:
-        jobs = request.app.state.fine_tuning = FineTuning(gateway.registry)
-    return gateway.settings, jobs
+    return gateway.settings, _fine_tuning(gateway.registry)
 
 
 def _scope(who: Principal) -> str | None:
@@ -523,5 +530,5 @@ def fine_tuned_models(registry: Registry, who: Principal) -> list[dict[str, Any]
     """``/v1/models`` entries for the caller's fine-tuned models and checkpoints."""
     return [
         {"id": name, "object": "model", "created": epoch(created), "owned_by": tenant}
-        for name, tenant, created in FineTuning(registry).models(_scope(who))
+        for name, tenant, created in _fine_tuning(registry).models(_scope(who))
     ]

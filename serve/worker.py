@@ -50,6 +50,9 @@ DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 8
 MIN_TRAINING_EXAMPLES = 10
 SOURCE = "fine-tuned"
+# Publishing (validating and storing the checkpoints and the adapter) holds the job this long at
+# least: a slow publish on a busy machine must not look like a dead worker.
+PUBLISH_LEASE_SECONDS = 300.0
 PARENT_ENV = "ADAPTERDECK_PARENT_PID"
 
 
@@ -134,8 +137,12 @@ def check_job_config(
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if it already has."""
+    """When started by a supervising process (``ADAPTERDECK_PARENT_PID``: ``serve`` or a worker), ask
+    Linux to SIGKILL this process when that parent dies; exit now if it already has. A worker
+    started by hand is left alone (its shell may well exit before it)."""
     expected = os.environ.get(PARENT_ENV)
+    if not expected:
+        return
     try:
         import ctypes
 
@@ -143,7 +150,7 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the pipe to the worker breaks instead
         pass
-    if expected and os.getppid() != int(expected):
+    if os.getppid() != int(expected):
         os._exit(1)
 
 
@@ -186,12 +193,13 @@ class _JobReporter:
     def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
         elapsed = time.monotonic() - self.started
         finish = time.time() + elapsed / step * (self.total - step) if step else None
-        if (loss, val_loss) != self.last or step == self.total:
+        if (loss, val_loss) != self.last:
             self.last = (loss, val_loss)
             data = {"step": step, "total_steps": self.total, "train_loss": loss, "valid_loss": val_loss}
+            valid = f", validation loss={_fmt(val_loss)}" if val_loss is not None else ""
             self.emit(
                 "metrics",
-                message=f"Step {step}/{self.total}: training loss={_fmt(loss)}",
+                message=f"Step {step}/{self.total}: training loss={_fmt(loss)}{valid}",
                 data=data,
                 estimated_finish=finish,
             )
@@ -290,6 +298,7 @@ class _Heartbeat(threading.Thread):
     def __init__(self, jobs: FineTuning, job_id: str, worker_id: str, settings: FineTuneSettings) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self.jobs, self.job_id, self.worker_id, self.settings = jobs, job_id, worker_id, settings
+        self.lease_seconds = settings.lease_seconds
         self.lost = threading.Event()
         self._done = threading.Event()
 
@@ -297,14 +306,14 @@ class _Heartbeat(threading.Thread):
         last_ok = time.monotonic()
         while not self._done.wait(self.settings.heartbeat_seconds):
             try:
-                if self.jobs.heartbeat(self.job_id, self.worker_id, self.settings.lease_seconds):
+                if self.jobs.heartbeat(self.job_id, self.worker_id, self.lease_seconds):
                     last_ok = time.monotonic()
                     continue
                 self.lost.set()
                 return
             except Exception as exc:  # the database is unreachable: keep trying while the lease holds
                 logger.warning("heartbeat of %s failed: %s", self.job_id, exc)
-                if time.monotonic() - last_ok > self.settings.lease_seconds:
+                if time.monotonic() - last_ok > self.lease_seconds:
                     self.lost.set()
                     return
 
@@ -349,6 +358,7 @@ class Worker:
         self._stop.set()
 
     def run(self) -> None:
+        self._warm_up()
         logger.info("worker %s waiting for fine-tuning jobs", self.worker_id)
         next_sweep = 0.0
         while not self._stop.is_set():
@@ -366,6 +376,16 @@ class Worker:
                 continue
             self.run_job(job)
         logger.info("worker %s stopped", self.worker_id)
+
+    def _warm_up(self) -> None:
+        """Import what publishing needs now: a first import of torch or transformers holds the
+        interpreter lock for seconds, which must not happen while a heartbeat is due."""
+        try:
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        except ImportError as exc:
+            logger.warning("cannot import the training libraries: %s", exc)
 
     def run_job(self, job: JobRecord) -> None:
         """Run a claimed job to its end: succeeded, failed, cancelled or back in the queue."""
@@ -446,7 +466,7 @@ class Worker:
             )
         self.jobs.add_event(
             job.id,
-            f"Training process {proc.pid} started (log: {log_path})",
+            f"Training process {proc.pid} started",
             data={"worker": self.worker_id, "pid": proc.pid},
         )
         error: dict[str, Any] = {}
@@ -477,7 +497,8 @@ class Worker:
             return _Run("lost")
         if proc.returncode != 0:
             message = (
-                error.get("message") or f"the training process exited with {proc.returncode}; see {log_path}"
+                error.get("message")
+                or f"the training process exited with {proc.returncode}; the worker's job log has the details"
             )
             return _Run("failed", error.get("code") or "training_failed", message)
         return _Run("done")
@@ -520,17 +541,17 @@ class Worker:
             proc.wait()
 
     def _publish(self, job: JobRecord, run_dir: Path, heart: _Heartbeat) -> None:
-        if heart.lost.is_set() or not self.jobs.start_publishing(job.id, self.worker_id):
-            self.jobs.add_event(
-                job.id,
-                "Training finished, but the job is no longer this worker's; nothing was published",
-                level="warn",
-            )
+        heart.lease_seconds = max(self.settings.lease_seconds, PUBLISH_LEASE_SECONDS)
+        if heart.lost.is_set() or not self.jobs.start_publishing(job.id, self.worker_id, heart.lease_seconds):
+            self._not_ours(job)
             return
         report = json.loads((run_dir / "report.json").read_text())
         checkpoints = []
         try:
             for step, directory in _checkpoints(run_dir):
+                if heart.lost.is_set():
+                    self._not_ours(job)
+                    return
                 staged = run_dir / f".publish-{step}"
                 staged.mkdir()
                 for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -544,6 +565,9 @@ class Worker:
                     f"Checkpoint at step {step} published as {info.ref}",
                     data={"step": step, "ref": info.ref, "metrics": metrics},
                 )
+            if heart.lost.is_set():
+                self._not_ours(job)
+                return
             final = self.registry.publish(run_dir, job.adapter, source=SOURCE)
         except PublishRefused as exc:
             raise JobError("publish_refused", str(exc)) from None
@@ -566,6 +590,10 @@ class Worker:
         )
         if not done:
             logger.warning("job %s: published %s but the job was taken from this worker", job.id, final.ref)
+
+    def _not_ours(self, job: JobRecord) -> None:
+        message = "Training finished, but the job is no longer this worker's; nothing more is published"
+        self.jobs.add_event(job.id, message, level="warn", data={"worker": self.worker_id})
 
 
 def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

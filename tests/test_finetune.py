@@ -28,6 +28,8 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.finetune import FineTuning
 from adapterdeck.registry.tenants import create_key
+from adapterdeck.serve.settings import FineTuneSettings
+from adapterdeck.serve.worker import Worker
 
 from .conftest import free_port
 from .registry_helpers import postgres_database
@@ -82,7 +84,7 @@ def stack(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     }
     config = root / "serve.yaml"
     # Short heartbeats and leases, so a dead worker is noticed within seconds here.
-    finetune = {"workers": 1, "heartbeat_seconds": 0.5, "lease_seconds": 4, "poll_seconds": 0.5,
+    finetune = {"workers": 1, "heartbeat_seconds": 0.5, "lease_seconds": 6, "poll_seconds": 0.5,
                 "max_attempts": 2, "max_file_bytes": 2_000_000}  # fmt: skip
     config.write_text(yaml.safe_dump({"finetune": finetune}))
     port, vllm_port = free_port(), free_port()
@@ -447,6 +449,48 @@ def test_a_killed_worker_s_job_is_requeued_then_failed_never_left_running(stack:
     print(f"after each kill: {outcomes}")
 
 
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_a_job_that_cannot_train_fails_with_an_error_object(base_model: Path, tmp_path: Path) -> None:
+    """A worker, in this process, on a real SQLite registry: its training child really fails."""
+    registry = Registry(RegistrySettings(home=tmp_path / "home"))
+    try:
+        ft = FineTuning(registry)
+        files = []
+        for i in range(2):
+            data = write_demo_dataset(tmp_path / f"d{i}.jsonl", task="sentiment", n=20, seed=i)
+            files.append(ft.add_file("acme", data.name, "fine-tune", path=data, format="chat", examples=20))
+        jobs = []
+        for file, base in ((files[0], str(base_model)), (files[1], str(tmp_path / "no-such-base"))):
+            job = ft.create_job(
+                "acme", model="tiny", base=base, training_file=file.id, validation_file=None, suffix=None,
+                seed=0, hyperparameters={}, adapter_method={"name": "lora"}, evaluators=["loss"],
+                metadata=None, max_attempts=2,
+            )  # fmt: skip
+            jobs.append(ft.files_validated(job.id, {}).id)
+        ft.delete_file(files[0].id, "acme")  # after the job was created, before a worker took it
+        worker = Worker(registry, FineTuneSettings(heartbeat_seconds=0.5), worker_id="test:1")
+        for _ in jobs:
+            claimed = ft.claim_next(worker.worker_id, 30)
+            assert claimed is not None
+            worker.run_job(claimed)
+        deleted, no_base = (ft.get_job(job_id, "acme") for job_id in jobs)
+        assert deleted.status == "failed" and deleted.error is not None
+        assert deleted.error["code"] == "invalid_training_file" and deleted.error["param"] == "training_file"
+        assert f"{files[0].id} was deleted" in deleted.error["message"]
+        assert no_base.status == "failed" and no_base.error is not None
+        assert no_base.error["code"] == "invalid_training_run"
+        assert "cannot load the tokenizer of base model" in no_base.error["message"]
+        events = [e.message for e in ft.list_events(no_base.id, limit=100).items]
+        assert events[0].startswith("The job failed: ") and any(
+            m.startswith("Training process") for m in events
+        )
+        assert registry.list("acme") == [] and ft.claim_next(worker.worker_id, 30) is None
+    finally:
+        registry.close()
+
+
 # -- claiming, on SQLite and PostgreSQL, by concurrent processes -------------------------------------
 
 CLAIMER = """
@@ -463,6 +507,7 @@ if action == "claim":
     claimed = []
     while (job := ft.claim_next(worker, 0.0)) is not None:  # a lease that runs out at once
         claimed.append(job.id)
+        time.sleep(0.02)  # a worker does something with its job before it claims the next
     print(json.dumps(claimed))
 else:
     print(json.dumps([job_id for job_id, _ in ft.sweep()]))
