@@ -77,6 +77,9 @@ def serve(
             port=settings.port,
             log_level="info",
             access_log=False,  # a log line per request costs more than the gateway's own work
+            # Longer than clients' idle timeouts (httpx: 5 s), so a client never sends a request on
+            # a connection the server is closing at that moment (a ReadError on the client).
+            timeout_keep_alive=75,
             timeout_graceful_shutdown=30,
         )
     finally:
