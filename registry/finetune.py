@@ -33,6 +33,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import write_transaction
 from adapterdeck.registry.registry import Conflict, NotFound, Registry, _insert_ignore
+from adapterdeck.registry.store import sha256_file
 
 VALIDATING, QUEUED, RUNNING = "validating_files", "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -302,7 +303,7 @@ class FineTuning:
         file_id = new_id(FILE_PREFIX)
         if path is not None:
             size = Path(path).stat().st_size
-            digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            digest = sha256_file(path)
             self.files.put_file(file_id, path)
         else:
             assert data is not None
@@ -569,11 +570,14 @@ class FineTuning:
         self, worker_id: str, lease_seconds: float, models: list[str] | None = None
     ) -> JobRecord | None:
         """Take the oldest queued job (of one of ``models``, when given) for ``worker_id``, or None."""
+        query = select(t.ft_jobs.c.seq).where(t.ft_jobs.c.status == QUEUED)
+        if models is not None:
+            query = query.where(t.ft_jobs.c.model.in_(models))
+        with self.engine.connect() as conn:  # idle workers poll: no write lock while nothing is queued
+            if conn.execute(query.limit(1)).first() is None:
+                return None
         now = _now()
         with write_transaction(self.engine) as conn:
-            query = select(t.ft_jobs.c.seq).where(t.ft_jobs.c.status == QUEUED)
-            if models is not None:
-                query = query.where(t.ft_jobs.c.model.in_(models))
             # PostgreSQL: a row another worker is claiming is skipped, not waited for. SQLite ignores
             # FOR UPDATE; its BEGIN IMMEDIATE already lets one claimer in at a time.
             seq = conn.execute(
