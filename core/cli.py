@@ -427,6 +427,10 @@ def main() -> None:
     except AdapterdeckError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only directory, a missing file: say which
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        err.print(f"[red]error:[/red] {escape(exc.strerror or str(exc))}{escape(where)}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ SQLite runs in WAL mode (readers never wait for the writer) and write transactio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,9 +92,25 @@ def migrate(engine: Engine) -> None:
         if current_revision(engine) == head:
             return
     except Exception as exc:
-        raise AdapterdeckError(f"cannot open the registry database: {exc}") from exc
+        raise AdapterdeckError(f"cannot open the registry database: {_why(engine, exc)}") from exc
     with write_transaction(engine) as conn:
         if engine.dialect.name == "postgresql":
             # One migrator at a time across machines; the others wait, then find nothing to do.
             conn.execute(text("SELECT pg_advisory_xact_lock(8731504)"))
         command.upgrade(_alembic_config(conn), "head")
+
+
+def _why(engine: Engine, exc: Exception) -> str:
+    """The driver's own message (without SQLAlchemy's link), and for a SQLite file the likely cause."""
+    reason = str(getattr(exc, "orig", None) or exc)
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if path and path != ":memory:":
+        folder = Path(path).expanduser().parent
+        try:
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                reason += f" ({folder} is on a read-only file system)"
+            elif not os.access(folder, os.W_OK):
+                reason += f" ({folder} is not writable)"
+        except OSError as err:
+            reason += f" ({folder}: {err.strerror})"
+    return reason

@@ -9,6 +9,7 @@ does the ``X-Adapterdeck-Ref`` header.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import tempfile
@@ -579,6 +580,14 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
     async def _user_error(_: Request, exc: AdapterdeckError) -> JSONResponse:
         status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
         return ApiError(status, str(exc), "invalid_request_error").response()
+
+    @app.exception_handler(OSError)
+    async def _storage_error(_: Request, exc: OSError) -> JSONResponse:
+        # A full disk (507) or storage that cannot be written now (503): the client may retry.
+        logger.error("storage error: %s", exc)
+        status = 507 if exc.errno == errno.ENOSPC else 503
+        message = f"the registry's storage cannot be written: {exc.strerror or type(exc).__name__}"
+        return ApiError(status, message, "server_error", code="storage_error").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
