@@ -428,17 +428,17 @@ def _listing(directory: Path) -> tuple[dict[str, Path], set[str], list[str]]:
 
     Only regular files with an adapter's names are accepted; anything else (a symbolic link, a
     subdirectory, a device, an unexpected or unsafe name) is a reason to refuse, and is never read.
-    Hidden files (editor and OS droppings) are neither published nor read.
+    Hidden files with plain names (editor and OS droppings) are neither published nor read.
     """
     files: dict[str, Path] = {}
     present: set[str] = set()
     problems: list[str] = []
     for entry in sorted(directory.iterdir()):
         name = entry.name
-        if name.startswith("."):
+        problem = file_name_problem(name)
+        if not problem and name.startswith("."):
             continue
         present.add(name)
-        problem = file_name_problem(name)
         if problem:
             problems.append(problem)
         elif entry.is_symlink():
