@@ -7,6 +7,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -114,6 +115,55 @@ api_keys = Table(
     Column("role", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+)
+
+# -- A/B experiments -----------------------------------------------------------------------------
+
+experiments = Table(
+    "experiments",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("adapter_id", Integer, ForeignKey("adapters.id"), nullable=False, index=True),
+    # running, stopped or promoted; at most one running experiment per public name.
+    Column("status", String(16), nullable=False),
+    # The variants and the 10,000 assignment buckets each owns (see registry/experiments.py).
+    Column("variants", JSON, nullable=False),
+    Column("shadow", String(200)),
+    Column("winner", String(200)),
+    Column("created_by", String(40), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("ended_at", DateTime(timezone=True)),
+)
+
+experiment_events = Table(
+    "experiment_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("experiment_id", Integer, ForeignKey("experiments.id"), nullable=False, index=True),
+    Column("action", String(32), nullable=False),
+    Column("actor", String(40), nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per request an experiment served (or shadowed); feedback lands on the row.
+experiment_responses = Table(
+    "experiment_responses",
+    metadata,
+    Column("response_id", String(128), primary_key=True),
+    Column("experiment_id", Integer, ForeignKey("experiments.id"), nullable=False, index=True),
+    Column("variant", String(200), nullable=False),
+    Column("shadow", Integer, nullable=False, default=0),
+    Column("status", Integer, nullable=False),
+    Column("latency_ms", Integer, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    # Only a shadow variant's answers are kept (they are never returned to the client).
+    Column("output", Text),
+    Column("score", Float),
+    Column("feedback_at", DateTime(timezone=True)),
+    Column("at", DateTime(timezone=True), nullable=False),
 )
 
 # -- fine-tuning ---------------------------------------------------------------------------------
