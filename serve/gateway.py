@@ -34,6 +34,7 @@ from adapterdeck.registry import Conflict, NotFound, Registry
 from adapterdeck.registry.experiments import Experiment, Variant
 from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.tenants import Principal, authenticate
+from adapterdeck.serve import openai_schema
 from adapterdeck.serve.auth import AdminCaller, Caller
 from adapterdeck.serve.errors import (
     ApiError,
@@ -281,7 +282,7 @@ class Gateway:
         try:
             async with self.client.post(f"{self.vllm_url}{path}", json=body) as upstream:
                 content, status = await upstream.read(), upstream.status
-        except aiohttp.ClientConnectionError:
+        except aiohttp.ClientError:  # refused, or vLLM went away mid-answer
             raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
         if status == 200:
             try:
@@ -397,6 +398,8 @@ class Gateway:
                 raise bad_request(f"'{name}' must be a positive integer.", name)
             if limit is not None and value > limit:
                 raise bad_request(f"'{name}' is {value}; this server allows at most {limit}.", name)
+        if self.settings.max_tokens and not (body.get("max_tokens") or body.get("max_completion_tokens")):
+            body["max_tokens"] = self.settings.max_tokens  # the server's limit bounds an open request too
         n, max_n = body.get("n"), self.settings.max_n
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n):
             raise bad_request(f"'n' must be an integer from 1 to {max_n}.", "n")
@@ -625,11 +628,11 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         data += await asyncio.to_thread(fine_tuned_models, registry, who)
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openai_schema.body(openai_schema.CHAT_COMPLETION))
     async def chat(request: Request, who: Caller) -> Response:
         return await gateway.completion("/v1/chat/completions", request, who)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openai_schema.body(openai_schema.COMPLETION))
     async def completions(request: Request, who: Caller) -> Response:
         return await gateway.completion("/v1/completions", request, who)
 
