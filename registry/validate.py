@@ -148,22 +148,22 @@ def read_json_object(
     return value, None
 
 
-def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None]:
-    """The adapter directory (``adapter/`` inside a run) and the run's report, if any."""
+def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
+    """The adapter directory (``adapter/`` inside a run), the run's report if any, and what is wrong
+    with that report."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterdeckError(f"{path} is not a directory")
-    report = None
+    report, problems = None, []
     if (path / "adapter").is_dir():
         report_file = path / "report.json"
         if report_file.is_symlink() or (report_file.exists() and not report_file.is_file()):
-            raise PublishRefused(str(path), ["report.json is not a regular file"])
-        if report_file.exists():
+            problems.append("report.json is not a regular file")
+        elif report_file.exists():
             report, problem = read_json_object(report_file, MAX_REPORT_BYTES, allow_nan=True)
-            if problem:
-                raise PublishRefused(str(path), [problem])
+            problems += [problem] if problem else _report_problems(report or {})
         path = path / "adapter"
-    return path, report
+    return path, None if problems else report, problems
 
 
 def _is_count(value: Any) -> bool:
@@ -468,8 +468,9 @@ def validate(
     base: str | None = None,
 ) -> Candidate:
     """Check an adapter (or run) directory; raise ``PublishRefused`` with every reason, or return it."""
-    directory, report = locate(path)
-    found, present, reasons = _listing(directory)
+    directory, report, reasons = locate(path)
+    found, present, problems = _listing(directory)
+    reasons.extend(problems)
     listed = [(name, p, p.stat().st_size) for name, p in sorted(found.items())]
     size = sum(s for _, _, s in listed)
     if size > max_bytes:
@@ -500,10 +501,6 @@ def validate(
         problems = [problem] if problem else _meta_problems(loaded or {})
         reasons.extend(problems)
         meta = loaded if loaded and not problems else {}
-    if report is not None:
-        problems = _report_problems(report)
-        reasons.extend(problems)
-        report = None if problems else report
 
     tensors: dict[str, Any] = {}
     if WEIGHTS in found:
