@@ -32,9 +32,10 @@ def forbidden(message: str) -> ApiError:
 
 def model_not_found(model: str) -> ApiError:
     # The same answer for an unknown model and another tenant's: nothing leaks.
+    shown = model if len(model) <= 200 else model[:200] + "..."
     return ApiError(
         404,
-        f"The model '{model}' does not exist or you do not have access to it.",
+        f"The model '{shown}' does not exist or you do not have access to it.",
         "invalid_request_error",
         code="model_not_found",
         param="model",

@@ -26,7 +26,9 @@ from fastapi import FastAPI, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
@@ -34,6 +36,7 @@ from adapterdeck.registry import Conflict, NotFound, Registry
 from adapterdeck.registry.experiments import Experiment, Variant
 from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.tenants import Principal, authenticate
+from adapterdeck.registry.validate import file_name_problem, shown
 from adapterdeck.serve import openai_schema
 from adapterdeck.serve.auth import AdminCaller, Caller
 from adapterdeck.serve.errors import (
@@ -534,6 +537,15 @@ class Gateway:
         }
 
 
+class AliasBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=2**31 - 1, description="the version the alias should point at")
+
+
+def _status_of(exc: AdapterdeckError) -> int:
+    return 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
+
+
 def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None = None) -> FastAPI:
     """The gateway app; it starts (and stops) its own vLLM unless ``settings.vllm.url`` names one."""
     supervisor = None
@@ -579,10 +591,15 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # An unknown route or method: the same error shape as everything else.
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, str(exc.detail), kind).response()
+
     @app.exception_handler(AdapterdeckError)
     async def _user_error(_: Request, exc: AdapterdeckError) -> JSONResponse:
-        status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
-        return ApiError(status, str(exc), "invalid_request_error").response()
+        return ApiError(_status_of(exc), str(exc), "invalid_request_error").response()
 
     @app.exception_handler(OSError)
     async def _storage_error(_: Request, exc: OSError) -> JSONResponse:
@@ -656,23 +673,32 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         _: AdminCaller,
         alias: str | None = None,
     ) -> dict[str, Any]:
+        ref = f"{tenant}/{name}"
         with tempfile.TemporaryDirectory() as tmp:
+            seen: set[str] = set()
             for upload in files:
-                filename = Path(upload.filename or "").name
-                if not filename or filename.startswith("."):
-                    raise bad_request(f"bad file name {upload.filename!r}", "files")
+                # The name as sent: a path or a second file of the same name is refused, never
+                # cut down to a plain name (it would silently replace a file).
+                filename = upload.filename or ""
+                problem = file_name_problem(filename)
+                if problem is None and filename.startswith("."):
+                    problem = f"hidden file {shown(filename)}"
+                if problem is None and filename in seen:
+                    problem = f"file {shown(filename)} is uploaded twice"
+                if problem is not None:
+                    raise bad_request(f"cannot publish {ref}: {problem}", "files")
+                seen.add(filename)
                 (Path(tmp) / filename).write_bytes(await upload.read())
-            info = await asyncio.to_thread(registry.publish, tmp, f"{tenant}/{name}", alias=alias)
+            try:
+                info = await asyncio.to_thread(registry.publish, tmp, ref, alias=alias)
+            except AdapterdeckError as exc:  # name the adapter, not the server's temporary directory
+                message = str(exc).replace(tmp, ref)
+                raise ApiError(_status_of(exc), message, "invalid_request_error") from None
         return info.to_dict()
 
     @app.put("/v1/adapters/{tenant}/{name}/aliases/{alias}")
-    async def move_alias(tenant: str, name: str, alias: str, request: Request, _: AdminCaller) -> Any:
-        try:
-            body = await request.json()
-            version = int(body["version"])
-        except (ValueError, KeyError, TypeError):
-            raise bad_request('expected {"version": N}', "version") from None
-        info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, version)
+    async def move_alias(tenant: str, name: str, alias: str, body: AliasBody, _: AdminCaller) -> Any:
+        info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, body.version)
         return info.to_dict()
 
     app.include_router(experiment_router())
