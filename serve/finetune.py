@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -34,6 +34,7 @@ from adapterdeck.registry.finetune import (
 )
 from adapterdeck.registry.registry import Conflict
 from adapterdeck.registry.tenants import Principal
+from adapterdeck.serve.auth import Caller
 from adapterdeck.serve.errors import ApiError, bad_request, forbidden, model_not_found
 from adapterdeck.serve.settings import ServeSettings
 from adapterdeck.serve.worker import MIN_TRAINING_EXAMPLES, check_job_config
@@ -42,13 +43,6 @@ logger = logging.getLogger("adapterdeck.serve")
 router = APIRouter()
 CHUNK = 1 << 20
 SHOWN_ERRORS = 50
-
-
-async def _principal(request: Request) -> Principal:
-    return await request.app.state.gateway.principal(request)
-
-
-Caller = Annotated[Principal, Depends(_principal)]
 
 
 # -- request bodies -----------------------------------------------------------------------------

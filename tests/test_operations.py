@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import yaml
 
 from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
+from adapterdeck.serve.errors import ApiError
 
 from .conftest import free_port
 from .registry_helpers import claim_vllm, make_lora
@@ -113,6 +115,7 @@ def setup(
     keys = {
         "acme": create_key(registry, "acme"),
         "globex": create_key(registry, "globex"),
+        "initech": create_key(registry, "initech"),
         "admin": create_key(registry, None),
     }
     registry.close()
@@ -122,7 +125,7 @@ def setup(
 @pytest.fixture(scope="module")
 def gateway(setup: Setup) -> Iterator[Gateway]:
     config = {
-        "tenant_limits": {"globex": {"requests_per_minute": 5, "concurrent_requests": 2}},
+        "tenant_limits": {"globex": {"requests_per_minute": 5}, "initech": {"concurrent_requests": 1}},
         "max_body_bytes": 64 * 1024,
         "max_tokens": 256,
     }
@@ -163,24 +166,64 @@ def test_oversize_bodies_and_unbounded_requests_are_refused(setup: Setup, gatewa
 
 
 def test_rate_limits_answer_429_with_retry_after(setup: Setup, gateway: Gateway) -> None:
-    key = setup.keys["globex"]
-    # Two at a time: a third concurrent request is refused at once.
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        replies = list(
-            pool.map(lambda _: gateway.chat(key, "globex/ops", max_tokens=200, ignore_eos=True), range(5))
-        )
-    statuses = sorted(r.status_code for r in replies)
-    assert statuses.count(200) >= 1 and 429 in statuses, statuses
-    refused = next(r for r in replies if r.status_code == 429)
-    assert (
-        refused.json()["error"]["code"] == "rate_limit_exceeded" and int(refused.headers["retry-after"]) >= 1
-    )
-    # Five per minute: the window is now spent (every request above counted).
+    key = setup.keys["globex"]  # five requests per minute
+    assert [gateway.chat(key, "globex/ops").status_code for _ in range(5)] == [200] * 5
     over = gateway.chat(key, "globex/ops")
     assert over.status_code == 429 and "5 requests per minute" in over.json()["error"]["message"]
+    assert over.json()["error"]["code"] == "rate_limit_exceeded"
     assert 1 <= int(over.headers["retry-after"]) <= 60
     # Other tenants have no limit; their requests are not slowed by globex's.
     assert all(gateway.chat(setup.keys["acme"], "acme/ops").status_code == 200 for _ in range(8))
+
+
+def test_concurrent_requests_over_the_quota_get_429(setup: Setup, gateway: Gateway) -> None:
+    key = setup.keys["initech"]  # one request at a time
+    for _ in range(3):  # the requests must overlap: 8 long ones sent at the same moment
+        start = threading.Barrier(8)
+
+        def one(_: int, start: threading.Barrier = start) -> httpx.Response:
+            start.wait()
+            return gateway.chat(key, str(setup.base), max_tokens=256, ignore_eos=True)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(one, range(8)))
+        statuses = [r.status_code for r in replies]
+        if 429 in statuses:
+            break
+    assert set(statuses) == {200, 429}, statuses
+    refused = next(r for r in replies if r.status_code == 429)
+    assert "at most 1 at a time" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+    # The slot is given back: one at a time always works.
+    assert [gateway.chat(key, str(setup.base)).status_code for _ in range(3)] == [200] * 3
+
+
+def test_the_limiter_holds_a_slot_until_the_stream_ends() -> None:
+    import asyncio
+
+    from adapterdeck.serve.limits import Limiter, then
+    from adapterdeck.serve.settings import LimitSettings
+
+    limiter = Limiter(LimitSettings(), {"t": LimitSettings(concurrent_requests=2)})
+
+    async def stream() -> AsyncIterator[int]:
+        yield 1
+        yield 2
+
+    async def scenario() -> None:
+        with limiter.slot("t") as defer:
+            body = then(stream(), defer())  # a streamed answer keeps its slot after the handler
+        with limiter.slot("t"):
+            with pytest.raises(ApiError) as refused:
+                with limiter.slot("t"):
+                    pass
+            assert refused.value.status == 429
+        assert [item async for item in body] == [1, 2]
+        assert limiter.in_flight["t"] == 0
+        with limiter.slot("u"):  # no limit for others
+            assert limiter.in_flight["u"] == 1
+
+    asyncio.run(scenario())
 
 
 # -- isolation -----------------------------------------------------------------------------------
