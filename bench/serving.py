@@ -1,6 +1,6 @@
 """Serving: gateway overhead, multi-adapter throughput and cold-adapter latency, on one vLLM.
 
-    .venv/bin/python bench/serving.py [--requests 48] [--workdir out/bench/serving]
+    .venv/bin/python bench/serving.py [--requests 192] [--pairs 6] [--vllm-nice N] [--workdir DIR]
 
 One ``adapterdeck serve`` (a subprocess, which starts and supervises the CPU vLLM) serves the
 offline demo base and 32 + ``--cold`` random LoRA adapters (``make_lora``, distinct seeds, no
@@ -9,14 +9,16 @@ completion, temperature 0, ``max_tokens`` 16 with ``ignore_eos`` (so every answe
 the sides do the same work), sent with one ``httpx.AsyncClient`` from N concurrent workers.
 
 (a) Gateway vs direct vLLM (the base model, same requests) at concurrency 1, 8 and 32. The two
-    sides are interleaved G D, D G, G D ... in blocks, so they share the machine's noise. Goal: gateway
-    throughput >= 0.95x direct. The gateway process's CPU time per request is read from /proc.
+    sides run in ``--pairs`` blocks each, interleaved G D, D G, G D ..., and the ratio is the median
+    over the pairs, so both sides of a pair share the machine's noise. Goal: gateway throughput
+    >= 0.95x direct. The gateway process's CPU time per request is read from /proc.
 (c) First-request latency of a never-loaded adapter (resolver copies it from the blob store, vLLM
     loads it) vs the same adapter once loaded, through the gateway, one request at a time.
 (b) Throughput (through the gateway, fixed concurrency) with 1, 8 and 32 distinct adapters in the
-    request mix vs the base only, after one warm-up request per adapter. Cells are interleaved
-    (forward, then reverse order). Goal: >= 0.7x base. The server runs with its default
-    max_loras (8) and max_cpu_loras (32).
+    request mix vs the base only, after one warm-up request per adapter, in ``--pairs`` rounds
+    (forward, then reverse order); the ratio is the median over the rounds of each round's ratio to
+    its own base block. Goal: >= 0.7x base. The server runs with its default settings (max_loras
+    8, max_cpu_loras 32, vllm.nice 5; ``--vllm-nice`` overrides the last).
 
 Then a small in-process breakdown of what the gateway does per request besides proxying: the API
 key lookup and the registry resolve (each a database query in a worker thread), and the JSON
@@ -147,11 +149,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start_server(base: Path, home: Path, workdir: Path, nice: int = 0) -> Server:
+def start_server(base: Path, home: Path, workdir: Path, nice: int | None = None) -> Server:
+    """``adapterdeck serve`` with its default settings (``nice`` overrides ``vllm.nice``)."""
     port, vllm_port = free_port(), free_port()
     log = workdir / "serve.log"
     config = workdir / "serve.yaml"
-    config.write_text(f"vllm: {{nice: {nice}}}\n")
+    config.write_text("{}\n" if nice is None else f"vllm: {{nice: {nice}}}\n")
     env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
         sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base),
@@ -513,7 +516,7 @@ def main() -> int:
     parser.add_argument(
         "--requests", type=int, default=192, help="requests per side per cell (at least 2x concurrency)"
     )
-    parser.add_argument("--vllm-nice", type=int, default=0, help="serve setting vllm.nice")
+    parser.add_argument("--vllm-nice", type=int, default=None, help="override serve setting vllm.nice")
     parser.add_argument("--pairs", type=int, default=6, help="blocks per side per cell, interleaved")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "serving")
     parser.add_argument("--concurrency", type=int, default=16, help="concurrency of (b)")

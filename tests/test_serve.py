@@ -297,7 +297,22 @@ def test_bad_requests_get_json_errors(serving: Serving) -> None:
         assert set(response.json()["error"]) >= {"message", "type"}
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
 def test_metrics_and_health(serving: Serving) -> None:
+    # The vLLM server the gateway started listens on loopback only.
+    vllm_port = int(serving.health()["engines"]["vllm"]["url"].rsplit(":", 1)[1])
+    assert _listening_addresses(vllm_port) == {"0100007F"}  # 127.0.0.1
     chat(serving.client("globex"), "globex/sentiment", PROMPTS[4])
     admin = {"Authorization": f"Bearer {serving.keys['admin']}"}
     assert httpx.get(f"{serving.url}/metrics", timeout=10).status_code == 401
