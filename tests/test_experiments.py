@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -30,7 +26,8 @@ from adapterdeck.registry.experiments import (
 )
 from adapterdeck.registry.tenants import create_key
 
-from .conftest import free_port, run_cli
+from .conftest import run_cli
+from .gateway_helpers import GatewayProcess, start_gateway
 from .registry_helpers import claim_vllm, make_lora
 
 USERS = [f"user-{i}" for i in range(10_000)]
@@ -180,35 +177,21 @@ class Stack:
     root: Path
 
     def start_gateway(self) -> Gateway:
-        port = free_port()
-        log = self.root / f"gateway-{port}.log"
-        env = {**os.environ, "ADAPTERDECK_HOME": str(self.home)}
-        cmd = [
-            sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(self.base),
-            "--served-name", str(self.base), "--port", str(port), "--vllm-url", self.vllm_url,
-        ]  # fmt: skip
-        with log.open("w") as fh:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        gateway = Gateway(f"http://127.0.0.1:{port}", proc, log, self.keys)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{gateway.url}/health", timeout=2).status_code == 200:
-                    return gateway
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                gateway.stop()
-                raise AssertionError(f"gateway did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        gateway = start_gateway(
+            self.base,
+            self.vllm_url,
+            {"ADAPTERDECK_HOME": str(self.home)},
+            self.root,
+            cls=Gateway,
+            ready=lambda reply: reply.status_code == 200,
+        )
+        gateway.keys = self.keys
+        return gateway
 
 
 @dataclass
-class Gateway:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-    keys: dict[str, str]
+class Gateway(GatewayProcess):
+    keys: dict[str, str] = field(default_factory=dict)
 
     def client(self, who: str = "acme") -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0, timeout=60)
@@ -230,14 +213,6 @@ class Gateway:
     ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.keys[who]}", **(headers or {})}
         return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kw)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

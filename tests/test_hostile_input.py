@@ -18,11 +18,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
 import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import update
 
@@ -44,6 +39,7 @@ from adapterdeck.registry.validate import read_safetensors_header
 from adapterdeck.registry.vllm_resolver import AdapterdeckResolver
 
 from .conftest import free_port, run_cli
+from .gateway_helpers import start_gateway
 from .registry_helpers import local_blob_names, make_lora
 
 WEIGHTS = "adapter_model.safetensors"
@@ -873,36 +869,20 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def gateway(home: Home, base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    port, unused = free_port(), free_port()
-    log = tmp_path_factory.mktemp("gateway") / "serve.log"
-    env = {**os.environ, **home.env}
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-        "--port", str(port), "--vllm-url", f"http://127.0.0.1:{unused}", "--served-name", "tiny",
-        "--workers", "0",
-    ]  # fmt: skip
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    gw = Gateway(port, create_key(home.registry, None), create_key(home.registry, "acme"), log)
+    unused = free_port()  # no vLLM: these endpoints never reach an engine
+    process = start_gateway(
+        base_model,
+        f"http://127.0.0.1:{unused}",
+        home.env,
+        tmp_path_factory.mktemp("gateway"),
+        served_name="tiny",
+        ready=lambda reply: reply.json()["gateway"] == "ok",
+    )
+    port = int(process.url.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()["gateway"] == "ok":
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield gw
+        yield Gateway(port, create_key(home.registry, None), create_key(home.registry, "acme"), process.log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        process.stop()
 
 
 def _sound_upload(home: Home) -> list[tuple[bytes, bytes]]:

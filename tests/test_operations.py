@@ -12,9 +12,7 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,24 +22,20 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
 from adapterdeck.serve.errors import ApiError
 
 from .conftest import free_port
+from .gateway_helpers import GatewayProcess
+from .gateway_helpers import start_gateway as start_gateway_process
 from .registry_helpers import claim_vllm, make_lora
 
 pytestmark = pytest.mark.vllm
 
 
-@dataclass
-class Gateway:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
+class Gateway(GatewayProcess):
     def call(self, key: str | None, method: str, path: str, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         headers.update(kw.pop("headers", {}))
@@ -51,44 +45,11 @@ class Gateway:
         body = {"model": model, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}
         return self.call(key, "POST", "/v1/chat/completions", json={**body, **extra})
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
 
 def start_gateway(
     base: Path, vllm_url: str, env: dict[str, str], workdir: Path, config: dict | None = None
 ) -> Gateway:
-    port = free_port()
-    log = workdir / f"gateway-{port}.log"
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base),
-        "--served-name", str(base), "--port", str(port), "--vllm-url", vllm_url,
-    ]  # fmt: skip
-    if config is not None:
-        path = workdir / f"serve-{port}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        cmd += ["--config", str(path)]
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
-        )
-    gateway = Gateway(f"http://127.0.0.1:{port}", proc, log)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            httpx.get(f"{gateway.url}/health", timeout=2)
-            return gateway
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            gateway.stop()
-            raise AssertionError(f"gateway did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.3)
+    return start_gateway_process(base, vllm_url, env, workdir, config, cls=Gateway)
 
 
 @dataclass
