@@ -15,9 +15,10 @@ import logging
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -151,21 +152,14 @@ class Gateway:
         cached = self._keys.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        try:
-            found = await asyncio.to_thread(authenticate, self.registry, key)
-        except SQLAlchemyError as exc:
-            self._database_down(exc)
-            if key in self._last_keys:
-                return self._last_keys[key]
-            raise unavailable("The registry database cannot be reached; retry shortly.") from None
-        self.database_ok = True
+        found = await self._from_database(
+            partial(authenticate, self.registry, key), key, self._last_keys, limit=10_000
+        )
         if found is None:
             raise unauthorized("Invalid API key.")
         if len(self._keys) > 10_000:
             self._keys.clear()
-            self._last_keys.clear()
         self._keys[key] = (now + KEY_TTL, found)
-        self._last_keys[key] = found
         return found
 
     def _database_down(self, exc: Exception) -> None:
@@ -173,21 +167,32 @@ class Gateway:
             logger.warning("the registry database cannot be reached: %s", type(exc).__name__)
         self.database_ok = False
 
-    async def _lookup(self, ref: Any) -> Any:
-        """The registry's answer for ``ref``; its last answer while the database is down."""
-        name = str(ref)
+    async def _from_database(
+        self, call: Callable[[], Any], name: str, last: dict[str, Any], limit: int
+    ) -> Any:
+        """``call()`` in a worker thread, remembered in ``last`` under ``name`` (at most ``limit``
+        answers); while the database cannot be reached, the answer ``last`` remembers (503 when
+        there is none)."""
         try:
-            info = await asyncio.to_thread(self.registry.resolve, ref)
+            answer = await asyncio.to_thread(call)
         except SQLAlchemyError as exc:
             self._database_down(exc)
-            if name in self._last_versions:
-                return self._last_versions[name]
+            if name in last:
+                return last[name]
             raise unavailable("The registry database cannot be reached; retry shortly.") from None
         self.database_ok = True
-        if len(self._last_versions) > 100_000:
-            self._last_versions.clear()
-        self._last_versions[name] = info
-        return info
+        if answer is None:  # e.g. a revoked key: it must not come back during an outage
+            last.pop(name, None)
+        else:
+            if len(last) > limit:
+                last.clear()
+            last[name] = answer
+        return answer
+
+    async def _lookup(self, ref: Any) -> Any:
+        """The registry's answer for ``ref``; its last answer while the database is down."""
+        resolve = partial(self.registry.resolve, ref)
+        return await self._from_database(resolve, str(ref), self._last_versions, limit=100_000)
 
     async def _resolve(self, ref: Any) -> Any:
         if not ref.immutable:
@@ -208,7 +213,9 @@ class Gateway:
                 "'model' is required: the base, tenant/name, tenant/name@N or tenant/name:alias", "model"
             )
         if model.startswith("ft:"):  # a fine-tuning job's result: its immutable ref
-            model = await asyncio.to_thread(fine_tuned_ref, self.registry, model, principal)
+            lookup = partial(fine_tuned_ref, self.registry, model, principal)
+            scoped = f"{principal.tenant or ''}|{model}"  # each caller's answer: a 404 for others
+            model = await self._from_database(lookup, scoped, self._last_versions, limit=100_000)
         base_name = self.settings.base_name()
         if model in (base_name, self.settings.base):
             return Target(None, ENGINE_VLLM, base_name, principal.tenant or "admin")
