@@ -188,15 +188,12 @@ def rebalance(variants: list[Variant]) -> None:
         raise ExperimentError(f"the candidates' weights add up to {total:g}%, more than 100%")
     targets.insert(0, BUCKETS - sum(targets))
     variants[0].weight = round(100 - sum(v.weight for v in variants[1:]), 2)
-    owned = [r for v in variants for r in v.buckets]
-    pool = _merge([[0, BUCKETS]] if not owned else [])
-    if owned:  # buckets nobody owns (never, unless the table was edited by hand)
-        free, cursor = [], 0
-        for start, end in sorted(owned):
-            if start > cursor:
-                free.append([cursor, start])
-            cursor = max(cursor, end)
-        pool = _merge([*free, [cursor, BUCKETS]])
+    # The buckets nobody owns: all of them for a new experiment, none once it has started.
+    pool, cursor = [], 0
+    for start, end in sorted(r for v in variants for r in v.buckets):
+        pool.append([cursor, start])
+        cursor = max(cursor, end)
+    pool = _merge([*pool, [cursor, BUCKETS]])  # _merge drops the empty ranges
     for variant, target in zip(variants, targets, strict=True):
         surplus = variant.share - target
         if surplus > 0:

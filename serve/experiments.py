@@ -1,10 +1,10 @@
 """A/B experiments in the gateway: routing, shadow copies, recording, feedback and the HTTP API.
 
-The gateway keeps every running experiment in memory and re-reads them from the registry database
-every ``REFRESH`` seconds, so a change made anywhere (the CLI, another gateway) is live within a
-second; a change made through this gateway's own API is live at once. When the database cannot be
-reached the last known experiments keep routing. Served requests are recorded in batches every
-``FLUSH`` seconds (feedback on a response not yet written flushes first).
+The gateway keeps every running experiment in memory and, every ``INTERVAL`` seconds, re-reads them
+from the registry database (so a change made anywhere, the CLI or another gateway, is live within
+a second; a change made through this gateway's own API is live at once) and writes the requests
+served since in one batch (feedback on a response not yet written flushes first). When the
+database cannot be reached the last known experiments keep routing.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller
 
 logger = logging.getLogger("adapterdeck.serve.experiments")
-REFRESH = 0.25
-FLUSH = 0.5
+INTERVAL = 0.25
 SHADOW_CONCURRENCY = 16
 MAX_PENDING = 100_000
 USER_HEADER = "x-user-id"
@@ -72,7 +71,7 @@ class Traffic:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(min(REFRESH, FLUSH))
+            await asyncio.sleep(INTERVAL)
             await self.refresh()
             await self.flush()
 

@@ -117,7 +117,6 @@ class Gateway:
         self.vllm_url = settings.vllm.url.rstrip("/") if settings.vllm.url else supervisor.url  # type: ignore[union-attr]
         self.metrics = Metrics()
         self.traffic = Traffic(registry)
-        self._shadow_tasks: set[asyncio.Task[Any]] = set()
         # aiohttp for the hop to vLLM: its C parser costs a fraction of httpx's CPU per request.
         self.client: aiohttp.ClientSession | None = None
         self.peft: Any = None  # the embedded PEFT engine, created on first use
@@ -480,8 +479,8 @@ class Gateway:
             self.metrics.shadow_requests.labels(experiment.adapter, experiment.shadow.name, "dropped").inc()
             return
         task = asyncio.create_task(self._shadow(path, body, experiment, experiment.shadow))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
+        self.traffic.shadow_tasks.add(task)  # waited for when the gateway stops
+        task.add_done_callback(self.traffic.shadow_tasks.discard)
 
     async def _shadow(
         self, path: str, body: dict[str, Any], experiment: Experiment, variant: Variant
@@ -581,8 +580,6 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         try:
             yield
         finally:
-            if gateway._shadow_tasks:
-                await asyncio.wait(gateway._shadow_tasks, timeout=30)
             await gateway.traffic.close()
             if supervisor is not None:
                 await supervisor.stop()
