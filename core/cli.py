@@ -343,7 +343,7 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
     )
     test = report.get("test")
     if test:
-        _metrics_table(test["metrics"])
+        _metrics_table(test["metrics"], test.get("base_shots", 0), test.get("verdict"))
     out.print(
         f"adapter: {run_dir / 'adapter'}\nreport: {run_dir / 'report.json'}\n"
         f"loss curve: {run_dir / 'loss.png'}"
@@ -363,12 +363,17 @@ def eval_(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer.")] = 128,
     samples: Annotated[int, typer.Option(help="Examples shown side by side.")] = 3,
+    shots: Annotated[int, typer.Option(help="Solved examples in the few-shot base's prompt (0: none).")] = 3,
+    shots_from: Annotated[
+        Path | None,
+        typer.Option(help="JSONL to draw the shots from (default: the run's training data, when known)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Evaluate an adapter and its base side by side on any data."""
+    """Evaluate an adapter and its base side by side on any data: zero-shot base, few-shot base, tuned."""
     from adapterdeck.core.adapters import load_adapter, read_adapter
     from adapterdeck.core.dataset import load_examples
-    from adapterdeck.core.evaluate import compare
+    from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
     from adapterdeck.core.plugins import catalog
 
     plugins = catalog()
@@ -377,6 +382,12 @@ def eval_(
     ]
     info = read_adapter(adapter)
     report = load_examples(data, format=format)
+    pool, shots_source = _shot_pool(info.path, shots_from) if shots else ([], None)
+    chosen_shots = pick_shots(pool, shots)
+    if shots and not chosen_shots:
+        err.print(
+            "no few-shot base: no examples to draw shots from (pass --shots-from FILE)", highlight=False
+        )
     with err.status("loading the model"):
         model, tokenizer = load_adapter(info, base)
     reporter = RichReporter(err)
@@ -386,31 +397,79 @@ def eval_(
         report.examples,
         chosen,
         base_context=model.disable_adapter,
+        shots=chosen_shots,
         max_new_tokens=max_new_tokens,
         samples=samples,
         progress=reporter.progress,
     )
+    verdict = prompt_verdict(result.metrics, chosen)
     payload = {
         "adapter": str(info.path),
         "base": base or info.base,
         "data": {"path": str(data), "sha256": report.sha256, "examples": len(report.examples)},
+        "base_shots": len(chosen_shots),
+        "shots_from": shots_source,
         "metrics": result.metrics,
+        "verdict": verdict,
         "samples": result.samples,
     }
     if as_json:
         _print_json(payload)
         return
-    _metrics_table(result.metrics)
+    _metrics_table(result.metrics, len(chosen_shots), verdict)
     for row in result.samples:
         out.print(f"[bold]line {row['line']}[/bold] reference: {row['reference']}", highlight=False)
         out.print(f"  base:  {row.get('base')}\n  tuned: {row.get('tuned')}", markup=False, highlight=False)
 
 
-def _metrics_table(metrics: dict[str, Any]) -> None:
-    table = Table("metric", "base", "tuned", "delta", box=None, header_style="bold")
+def _shot_pool(adapter_dir: Path, shots_from: Path | None) -> tuple[list[Any], str | None]:
+    """Examples to draw few-shot prompts from: ``--shots-from``, else the run's training files."""
+    from adapterdeck.core.dataset import load_examples
+
+    files: list[Path] = []
+    if shots_from is not None:
+        files = [shots_from]
+    else:
+        report_file = adapter_dir.parent / "report.json"
+        try:
+            config = json.loads(report_file.read_text())["config"]
+            files = [Path(p) for p in config["data"]["train"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            return [], None
+        if not all(f.is_file() for f in files):
+            return [], None
+    pool = [c for f in files for c in load_examples(f).examples]
+    return pool, ", ".join(str(f) for f in files)
+
+
+def _metrics_table(metrics: dict[str, Any], shots: int = 0, verdict: str | None = None) -> None:
+    from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
+
+    few = any(FEW_SHOT in m for m in metrics.values())
+    columns = ["metric", "base (zero-shot)", *([f"base ({shots}-shot)"] if few else []), "tuned", "delta"]
+    table = Table(*columns, box=None, header_style="bold")
+
+    def cell(m: dict[str, Any], label: str) -> str:
+        value = m.get(label, {}).get("value") if label in m else None
+        return "-" if value is None else f"{value:.4g}"
+
     for name, m in metrics.items():
-        table.add_row(name, str(m["base"]["value"]), str(m["tuned"]["value"]), str(m.get("delta")))
+        label = f"{name} ({m['examples']} own probes)" if "examples" in m else name
+        row = [label, cell(m, BASE), *([cell(m, FEW_SHOT)] if few else []), cell(m, TUNED)]
+        delta = m.get("delta")
+        row.append("-" if delta is None else f"{delta:+.4g}")
+        table.add_row(*row)
     out.print(table)
+    for name, m in metrics.items():
+        if "examples" in m and m.get("delta") is not None and m["higher_is_better"]:
+            drop = -m["delta"]
+            out.print(
+                f"forgetting ({name}): {m[BASE]['value']:.0%} -> {m[TUNED]['value']:.0%}, "
+                + (f"a drop of {drop * 100:.1f} points" if drop > 0 else "no drop"),
+                highlight=False,
+            )
+    if verdict:
+        out.print(f"[bold]prompt baseline:[/bold] {escape(verdict)}", highlight=False)
 
 
 @app.command()

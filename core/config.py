@@ -101,6 +101,9 @@ class EvalConfig(Strict):
     samples: int = Field(5, ge=0, description="test prompts shown side by side in the report")
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
+    base_shots: int = Field(
+        3, ge=0, description="solved training examples in the few-shot base's prompt (0: no few-shot base)"
+    )
 
 
 class RunConfig(Strict):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from adapterdeck.core.encode import IGNORE, encode, encode_prompt
@@ -131,7 +132,7 @@ def run_model(
 
 def score(evaluator: Evaluator, examples: Sequence[Conversation], outputs: ModelOutputs) -> dict[str, float]:
     samples = [
-        EvalSample(c.prompt, c.reference, prediction=p, loss=loss)
+        EvalSample(c.prompt, c.reference, prediction=p, loss=loss, meta=c.meta)
         for c, p, loss in zip(examples, outputs.predictions, outputs.losses, strict=True)
     ]
     scores = [evaluator.score(s) for s in samples]
@@ -143,6 +144,29 @@ def _clean(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
 
+def pick_shots(pool: Sequence[Conversation], k: int, seed: int = 0) -> list[Conversation]:
+    """``k`` examples drawn (seeded) from ``pool`` to show the base in its prompt."""
+    if k <= 0 or not pool:
+        return []
+    rng = random.Random(f"shots-{seed}")
+    return rng.sample(list(pool), min(k, len(pool)))
+
+
+def with_shots(conv: Conversation, shots: Sequence[Conversation]) -> Conversation:
+    """``conv`` with the shots' turns (each a solved example) before its own, after its system prompt."""
+    if not shots:
+        return conv
+    system = [m for m in conv.messages[:1] if m.role == "system"]
+    shown = [m for shot in shots for m in shot.messages if m.role != "system"]
+    rest = list(conv.messages[len(system) :])
+    return replace(conv, messages=(*system, *shown, *rest))
+
+
+# Labels of the models a comparison runs: the base prompted as the data is, the base with k solved
+# examples in its prompt, and the tuned model.
+BASE, FEW_SHOT, TUNED = "base", "base_few_shot", "tuned"
+
+
 def compare(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -150,39 +174,111 @@ def compare(
     evaluators: Sequence[Evaluator],
     *,
     base_context: Callable[[], AbstractContextManager[Any]] | None,
+    shots: Sequence[Conversation] = (),
     max_new_tokens: int = 128,
     batch_size: int = 16,
     samples: int = 5,
     progress: Progress | None = None,
 ) -> Comparison:
-    """Score the tuned model and (inside ``base_context``, which disables the adapter) the base."""
+    """Score the tuned model and (inside ``base_context``, which disables the adapter) the base.
+
+    The base is scored as prompted by the data (zero-shot, with the data's system prompt) and,
+    when ``shots`` are given, with those solved examples in its prompt (few-shot): the prompt
+    baseline tuning has to beat. Evaluators that bring their own probe set (``examples()``) score
+    the base and the tuned model on it instead of on ``examples``.
+    """
     result = Comparison()
-    runs: list[tuple[str, Callable[[], AbstractContextManager[Any]]]] = [("tuned", nullcontext)]
+    task_evaluators = [ev for ev in evaluators if ev.examples() is None]
+    runs: list[tuple[str, Callable[[], AbstractContextManager[Any]], Sequence[Conversation]]] = []
     if base_context is not None:
-        runs.insert(0, ("base", base_context))
+        runs.append((BASE, base_context, examples))
+        if shots:
+            runs.append((FEW_SHOT, base_context, [with_shots(c, shots) for c in examples]))
+    runs.append((TUNED, nullcontext, examples))
     model.eval()
-    for label, context in runs:
+
+    def step(label: str) -> Progress | None:
+        if progress is None:
+            return None
+        return lambda what, done, total: progress(f"{label} {what}", done, total)
+
+    for label, context, prompts in runs:
+        if not task_evaluators:
+            break
         with context():
-            step = (
-                (lambda what, done, total, _l=label: progress(f"{_l} {what}", done, total))
-                if progress
-                else None
-            )
             result.outputs[label] = run_model(
-                model, tokenizer, examples, evaluators, max_new_tokens, batch_size, step
+                model, tokenizer, prompts, task_evaluators, max_new_tokens, batch_size, step(label)
             )
     for ev in evaluators:
         entry: dict[str, Any] = {"higher_is_better": ev.higher_is_better}
-        for label, outputs in result.outputs.items():
-            entry[label] = score(ev, examples, outputs)
-        if "base" in entry:
-            b, t = entry["base"]["value"], entry["tuned"]["value"]
+        own = ev.examples()
+        if own is None:
+            for label, outputs in result.outputs.items():
+                entry[label] = score(ev, examples, outputs)
+        else:
+            entry["examples"] = len(own)
+            for label, context, _ in runs:
+                if label == FEW_SHOT:
+                    continue
+                with context():
+                    outputs = run_model(
+                        model, tokenizer, own, [ev], ev.max_new_tokens, batch_size, step(f"{label} {ev.name}")
+                    )
+                entry[label] = score(ev, own, outputs)
+        if BASE in entry:
+            b, t = entry[BASE]["value"], entry[TUNED]["value"]
             entry["delta"] = None if b is None or t is None else round(t - b, 6)
         result.metrics[ev.name] = entry
-    for i, conv in enumerate(examples[:samples]):
+    for i, conv in enumerate(examples[:samples] if result.outputs else []):
         row: dict[str, Any] = {"line": conv.line, "prompt": conv.prompt, "reference": conv.reference}
         for label, outputs in result.outputs.items():
             row[label] = outputs.predictions[i]
             row[f"{label}_loss"] = _clean(outputs.losses[i])
         result.samples.append(row)
     return result
+
+
+def headline(metrics: dict[str, dict[str, Any]], evaluators: Sequence[Evaluator]) -> str | None:
+    """The metric a verdict rests on: the first task metric scored on generated answers, higher better."""
+    for ev in evaluators:
+        if ev.needs_generation and ev.higher_is_better and ev.examples() is None and ev.name in metrics:
+            return ev.name
+    return None
+
+
+def prompt_verdict(metrics: dict[str, dict[str, Any]], evaluators: Sequence[Evaluator]) -> str | None:
+    """One line on what the prompted base says about tuning this task, from the measured figures.
+
+    The rule of thumb: tuning pays most where a prompted base is already close (90% -> 99%);
+    where the prompted base is far off (20%), tuning alone may not fix the task.
+    """
+    name = headline(metrics, evaluators)
+    if name is None:
+        return None
+    entry = metrics[name]
+    prompted = {label: entry[label]["value"] for label in (BASE, FEW_SHOT) if label in entry}
+    prompted = {k: v for k, v in prompted.items() if v is not None}
+    tuned = entry.get(TUNED, {}).get("value")
+    if not prompted or tuned is None:
+        return None
+    best_label = max(prompted, key=lambda k: prompted[k])
+    best = prompted[best_label]
+    how = "few-shot" if best_label == FEW_SHOT else "zero-shot"
+    head = f"{name}: prompted base {best:.0%} (best of zero-shot and few-shot: {how}), tuned {tuned:.0%}"
+    if best >= 0.7:
+        gain = (
+            "tuning pays here" if tuned > best else "tuning did not beat prompting; prompt the base instead"
+        )
+        return f"{head}. The prompted base is already close; {gain}."
+    if best < 0.3:
+        if tuned >= 0.9:
+            return (
+                f"{head}. The prompted base is far off, where tuning alone often does not fix a task; "
+                "here it did on the held-out split: the task is one tuning teaches (a format, a label set)."
+            )
+        return (
+            f"{head}. The prompted base is far off: tuning alone may not fix this task; "
+            "check the data, add examples, or use a larger base."
+        )
+    adds = "adds" if tuned > best else "did not add"
+    return f"{head}. The prompted base is part of the way; tuning {adds} to it."

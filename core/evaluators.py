@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from adapterdeck.core.formats import Conversation
 
 
 @dataclass(frozen=True)
@@ -16,6 +19,7 @@ class EvalSample:
     reference: str
     prediction: str | None = None  # None when the evaluator needs no generation
     loss: float | None = None  # mean loss on the reference tokens
+    meta: Mapping[str, Any] = field(default_factory=dict)  # the example's ``Conversation.meta``
 
 
 class Evaluator(ABC):
@@ -26,6 +30,18 @@ class Evaluator(ABC):
     higher_is_better: ClassVar[bool] = True
     #: False when only the loss is needed (no text is generated for it).
     needs_generation: ClassVar[bool] = True
+
+    #: Most generated answer tokens this evaluator's own examples need (see ``examples``).
+    max_new_tokens: ClassVar[int] = 64
+
+    def examples(self) -> Sequence[Conversation] | None:
+        """A fixed probe set this evaluator brings, scored instead of the run's test examples.
+
+        None (the default) scores the run's test split. An evaluator that measures something
+        besides the task, such as general capability lost to tuning, returns its own
+        conversations; ``meta`` on each reaches ``score`` as ``sample.meta``.
+        """
+        return None
 
     @abstractmethod
     def score(self, sample: EvalSample) -> float:

@@ -30,7 +30,7 @@ from adapterdeck.core.config import RunConfig
 from adapterdeck.core.dataset import DataError, ValidationReport, validate_file
 from adapterdeck.core.encode import encode_all
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.core.evaluate import compare
+from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.formats import Conversation
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.split import Split, split_examples
@@ -288,10 +288,11 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
 
     rep.stage("loading the base model")
     t = time.monotonic()
-    dtype = _dtype(config.train.dtype)
+    precision = choose_precision(config.train.dtype)
+    rep.note(precision.describe())
     # Seed before the adapter's weights are created: the same config gives the same run.
     set_seed(config.train.seed)
-    model = method.load_base(config.base, params, dtype=dtype)
+    model = method.load_base(config.base, params, dtype=getattr(torch, precision.load))
     peft_model = method.apply(model, params)
     trainable, total = peft_model.get_nb_trainable_parameters()
     prompt_learning = any(c.is_prompt_learning for c in peft_model.peft_config.values())
@@ -344,8 +345,8 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
         dataloader_pin_memory=False,
         include_num_input_tokens_seen="non_padding" if not packing else "all",
         use_cache=False,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
+        bf16=precision.autocast == "bfloat16",
+        fp16=precision.autocast == "float16",
     )
     collator = (
         DataCollatorWithFlattening(return_position_ids=True)
@@ -440,6 +441,7 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
             "epochs": round(state.epoch or 0, 3),
             "learning_rate": lr,
             "packing": packing,
+            "precision": {"weights": precision.load, "autocast": precision.autocast, "why": precision.reason},
             "best_step": best_step,
             "best_val_loss": state.best_metric,
             "train_loss": train_loss,
@@ -463,30 +465,82 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     if split.test and stop_reason != "interrupted":
         rep.stage("evaluating on the test split, base and tuned")
         t = time.monotonic()
+        shots = pick_shots(split.train, config.eval.base_shots, config.train.seed)
         result = compare(
             peft_model,
             tokenizer,
             split.test,
             evaluators,
             base_context=peft_model.disable_adapter,
+            shots=shots,
             max_new_tokens=config.eval.max_new_tokens,
             batch_size=config.eval.batch_size,
             samples=config.eval.samples,
             progress=rep.progress,
         )
         durations["evaluate"] = round(time.monotonic() - t, 3)
-        report["test"] = {"examples": len(split.test), "metrics": result.metrics}
+        report["test"] = {
+            "examples": len(split.test),
+            "base_shots": len(shots),
+            "shot_lines": [c.line for c in shots],
+            "metrics": result.metrics,
+            "verdict": prompt_verdict(result.metrics, evaluators),
+        }
         report["samples"] = result.samples
     durations["total"] = round(time.monotonic() - started, 3)
     _atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return TrainResult(run_dir, report, peft_model, tokenizer)
 
 
-def _dtype(name: str) -> Any:
+@dataclass(frozen=True)
+class Precision:
+    """How a run computes: the dtype its weights load in, the autocast dtype (if any), and why."""
+
+    load: str  # torch dtype name of the loaded weights
+    autocast: str | None  # "bfloat16" / "float16" mixed precision, or None
+    reason: str
+
+    def describe(self) -> str:
+        what = f"{self.autocast} autocast, {self.load} weights" if self.autocast else f"{self.load}"
+        return f"precision: {what} ({self.reason})"
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU flags that make bf16 matmuls native (AMX, AVX512-BF16); empty when there are none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def choose_precision(name: str) -> Precision:
+    """``train.dtype``: ``auto`` picks what is fastest and safe on this machine; others are taken as said.
+
+    On a CPU, bf16 autocast is about 1.5x faster per step where the CPU computes bf16 natively
+    (AMX, AVX512-BF16) and slower where it must emulate it; the weights stay float32 either way,
+    so the adapter's weights and its optimizer keep full precision.
+    """
     import torch
 
-    if name == "auto":
+    if name != "auto":
+        if name == "float32":
+            return Precision("float32", None, "train.dtype: float32")
         if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
+            return Precision(name, name, f"train.dtype: {name}")
+        return Precision("float32", name, f"train.dtype: {name}, as autocast over float32 weights on the CPU")
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return Precision("bfloat16", "bfloat16", "GPU with bf16 support")
+        return Precision("float16", "float16", "GPU without bf16 support")
+    flags = cpu_bf16_flags()
+    if flags:
+        return Precision("float32", "bfloat16", f"this CPU computes bf16 natively: {', '.join(flags)}")
+    return Precision(
+        "float32", None, "this CPU has no native bf16 (no AMX or AVX512-BF16), so bf16 would be slower"
+    )

@@ -54,40 +54,90 @@ def demo_data(
 @app.command("run")
 def demo_run(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes everything.")] = Path("out/demo"),
+    base: Annotated[
+        str,
+        typer.Option(
+            help="smollm2-135m-instruct: the real pretrained base (minutes); tiny: random init (fast)."
+        ),
+    ] = "smollm2-135m-instruct",
     seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
     serve: Annotated[bool, typer.Option(help="Publish, serve and call the adapters after training.")] = True,
 ) -> None:
     """Build the base, train two tenants' adapters, publish, serve through vLLM, call them, shut down."""
-    from adapterdeck.core.basemodel import build_base_model
+    from adapterdeck.core.basemodel import BASE_NAMES, TINY, build_base_model, ensure_named_base
     from adapterdeck.core.cli import RichReporter, _print_summary
     from adapterdeck.core.config import parse_config
-    from adapterdeck.core.demo import TASKS, demo_config, write_demo_dataset
+    from adapterdeck.core.demo import DEMO_EXAMPLES, TASKS, demo_config, write_demo_dataset
     from adapterdeck.core.train import run_training
 
+    if base not in BASE_NAMES:
+        raise AdapterdeckError(f"--base: expected one of {', '.join(BASE_NAMES)}, got {base!r}")
+    started = time.monotonic()
+    real = base != TINY
     workdir = workdir.resolve()
-    base = workdir / "base"
-    out.rule("1. offline base model")
+    base_dir = workdir / ("base" if not real else base)
+    out.rule(f"1. offline base model: {base}")
     with err.status("building the base model") as status:
-        build_base_model(base, seed=seed, progress=lambda msg: status.update(msg))
-    out.print(f"base model: {base}")
+        if real:
+            ensure_named_base(base, base_dir, progress=lambda msg: status.update(msg))
+        else:
+            build_base_model(base_dir, seed=seed, progress=lambda msg: status.update(msg))
+    out.print(f"base model: {base_dir}")
     runs: dict[str, Path] = {}
-    results = {}
+    reports: dict[str, dict] = {}
+    n = DEMO_EXAMPLES["real" if real else "tiny"]
     for task, spec in TASKS.items():
-        data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, seed=seed)
-        config = parse_config(demo_config(base, data, workdir / "runs" / task, seed, task), f"demo {task}")
+        data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, n=n, seed=seed)
+        config = parse_config(
+            demo_config(base_dir, data, workdir / "runs" / task, seed, task, real=real), f"demo {task}"
+        )
         out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter")
         result = run_training(config, RichReporter(out), overwrite=True)
         _print_summary(result.report, result.run_dir)
         runs[f"{spec.tenant}/{task}"] = result.run_dir
-        results[f"{spec.tenant}/{task}"] = result.report["test"]["metrics"]["exact_match"]
-    out.rule("training result")
-    for name, m in results.items():
+        reports[f"{spec.tenant}/{task}"] = result.report
+        del result
+    out.rule("training result: held-out test split")
+    out.print(_results_table(reports))
+    for name, report in reports.items():
+        m = report["test"]["metrics"]["exact_match"]
         out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
     if serve:
-        _publish_serve_and_call(workdir, base, runs)
+        served = "tiny-base" if not real else base
+        _publish_serve_and_call(workdir, base_dir, runs, served)
+    out.print(f"demo finished in {(time.monotonic() - started) / 60:.1f} minutes")
 
 
-def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path]) -> None:
+def _results_table(reports: dict[str, dict]) -> Table:
+    """Per task: the base prompted zero-shot and few-shot against the tuned adapter, and forgetting."""
+    from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
+
+    def pct(m: dict | None, label: str) -> str:
+        value = (m or {}).get(label, {}).get("value")
+        return "-" if value is None else f"{value:.0%}"
+
+    shots = max((r["test"].get("base_shots", 0) for r in reports.values()), default=0)
+    table = Table("task", "metric", "base, system prompt", f"base, {shots}-shot", "tuned", show_lines=False)
+    for name, report in reports.items():
+        metrics = report["test"]["metrics"]
+        for metric in ("exact_match", "json_valid"):
+            if metric in metrics:
+                m = metrics[metric]
+                table.add_row(name, metric, pct(m, BASE), pct(m, FEW_SHOT), pct(m, TUNED))
+        if "general" in metrics:
+            g = metrics["general"]
+            drop = -(g.get("delta") or 0)
+            table.add_row(
+                name,
+                f"general probes ({g['examples']}), forgetting {drop * 100:+.0f} pts",
+                pct(g, BASE),
+                "",
+                pct(g, TUNED),
+            )
+    return table
+
+
+def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path], served: str) -> None:
     import openai
 
     from adapterdeck.core.demo import SENTIMENT_SYSTEM, SUPPORT_SYSTEM
@@ -110,7 +160,7 @@ def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path]) ->
     env = {**os.environ, "ADAPTERDECK_HOME": str(home)}
     cmd = [
         sys.executable, "-m", "adapterdeck.core.cli", "serve",
-        "--base", str(base), "--served-name", "tiny-base", "--port", str(port),
+        "--base", str(base), "--served-name", served, "--port", str(port),
         "--vllm-port", str(vllm_port), "--max-model-len", "512", "--dtype", "float32",
     ]  # fmt: skip
     with log.open("w") as fh:
@@ -150,12 +200,12 @@ def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path]) ->
             for text in texts:
                 messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
                 answers = {}
-                for model in ("tiny-base", adapter):
+                for model in (served, adapter):
                     reply = client.chat.completions.create(
                         model=model, messages=messages, max_tokens=24, temperature=0
                     )
                     answers[model] = f"{reply.choices[0].message.content!s}\n[dim]({reply.model})[/dim]"
-                table.add_row(adapter, text, answers["tiny-base"], answers[adapter])
+                table.add_row(adapter, text, answers[served], answers[adapter])
         out.print(table)
     finally:
         out.rule("6. shutting down")

