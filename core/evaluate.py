@@ -118,14 +118,22 @@ def run_model(
     max_new_tokens: int,
     batch_size: int = 16,
     progress: Progress | None = None,
+    fit_to_references: bool = True,
 ) -> ModelOutputs:
-    """Compute what the evaluators need: losses, and generations if any evaluator needs them."""
+    """Compute what the evaluators need: losses, and generations if any evaluator needs them.
+
+    With ``fit_to_references``, answers are cut at the longest reference plus a little room
+    (a task's answers look like its references); without, at ``max_new_tokens``.
+    """
     losses = example_losses(model, tokenizer, examples, batch_size, progress)
     predictions: list[str | None] = [None] * len(examples)
     if any(e.needs_generation for e in evaluators):
-        # Answers need not be longer than the longest reference plus a little room.
-        longest = max(len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in examples)
-        budget = min(max_new_tokens, longest + 16)
+        budget = max_new_tokens
+        if fit_to_references:
+            longest = max(
+                len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in examples
+            )
+            budget = min(max_new_tokens, longest + 16)
         predictions = list(generate(model, tokenizer, examples, budget, batch_size, progress))
     return ModelOutputs(losses, predictions)
 
@@ -222,7 +230,14 @@ def compare(
                     continue
                 with context():
                     outputs = run_model(
-                        model, tokenizer, own, [ev], ev.max_new_tokens, batch_size, step(f"{label} {ev.name}")
+                        model,
+                        tokenizer,
+                        own,
+                        [ev],
+                        ev.max_new_tokens,
+                        batch_size,
+                        step(f"{label} {ev.name}"),
+                        fit_to_references=False,
                     )
                 entry[label] = score(ev, own, outputs)
         if BASE in entry:

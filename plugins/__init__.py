@@ -8,6 +8,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapterdeck.plugins.chat",
     "adapterdeck.plugins.alpaca",
     "adapterdeck.plugins.evaluators",
+    "adapterdeck.plugins.general",
     "adapterdeck.plugins.lora",
     "adapterdeck.plugins.prefix",
 )
