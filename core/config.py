@@ -26,12 +26,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# ``data.mix.file: builtin:general`` names the general-purpose chat data shipped with adapterdeck.
+BUILTIN_MIX = "builtin:general"
+
+
+def builtin_mix_file() -> Path:
+    """The 300 general-purpose chat examples shipped for ``data.mix`` (disjoint from the general probes)."""
+    from importlib import resources
+
+    return Path(str(resources.files("adapterdeck.core").joinpath("data/general_mix.jsonl")))
+
+
 class MixConfig(Strict):
     """General-purpose data mixed into training to limit catastrophic forgetting."""
 
-    file: Path
+    file: Path = Field(description=f"a JSONL file, or {BUILTIN_MIX!r} for the shipped general data")
     ratio: float = Field(0.1, gt=0, lt=1, description="share of the training examples taken from `file`")
     format: str | None = None
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _builtin(cls, v: Any) -> Any:
+        return builtin_mix_file() if str(v) == BUILTIN_MIX else v
 
 
 class DataConfig(Strict):
