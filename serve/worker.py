@@ -263,7 +263,9 @@ def _child(spec_path: str) -> int:
         test = result.report.get("test")
         if test:
             parts = [
-                f"{name} {_fmt(m['base']['value'])} -> {_fmt(m['tuned']['value'])}"
+                f"{name} {_fmt(m['base']['value'])}"
+                + (f" ({_fmt(m['base_few_shot']['value'])} few-shot)" if "base_few_shot" in m else "")
+                + f" -> {_fmt(m['tuned']['value'])}"
                 for name, m in test["metrics"].items()
             ]
             emit(
@@ -271,6 +273,8 @@ def _child(spec_path: str) -> int:
                 message=f"Evaluated on {test['examples']} test examples (base -> tuned): " + ", ".join(parts),
                 data=test["metrics"],
             )
+            if test.get("verdict"):
+                emit("message", message=f"Prompt baseline: {test['verdict']}")
         return 0
     except AdapterdeckError as exc:
         emit("error", code="invalid_training_run", message=str(exc))
