@@ -288,7 +288,7 @@ def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: 
         job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job.error
     assert job.hyperparameters.learning_rate_multiplier in (1, 1.0)
-    events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=200).data)]
+    events = [e.message for e in reversed(client.fine_tuning.jobs.list_events(job.id, limit=100).data)]
     (served.root / "job-events.txt").write_text("\n".join(events) + "\n")  # kept for reading afterwards
     assert any(m.startswith("Prompt baseline: exact_match: prompted base") for m in events), events
     more = write_demo_dataset(served.root / "more.jsonl", task="sentiment", n=20, seed=8)
