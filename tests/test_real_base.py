@@ -305,4 +305,4 @@ def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: 
             else:
                 base_right += hit
     print(f"fine-tuning API, auto hyperparameters: exact match base {base_right}/20, tuned {right}/20")
-    assert right >= 12 and right >= base_right + 8  # measured here: 16/20 against 0/20
+    assert right >= 11 and right >= base_right + 8  # measured here: 14 and 16 of 20, against 0 of 20
