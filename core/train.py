@@ -32,6 +32,7 @@ from adapterdeck.core.encode import encode_all
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.formats import Conversation
+from adapterdeck.core.loss import answer_loss_trainer, answer_only_logits
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.split import Split, split_examples
 
@@ -365,7 +366,8 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
                 )
             )
         peft_model.config.use_cache = False
-        trainer = Trainer(
+        trainer_class = answer_loss_trainer() if answer_only_logits(model, peft_model) else Trainer
+        trainer = trainer_class(
             model=peft_model,
             args=args,
             train_dataset=train_ds,
