@@ -348,6 +348,8 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
         use_cache=False,
         bf16=precision.autocast == "bfloat16",
         fp16=precision.autocast == "float16",
+        # transformers refuses bf16/fp16 without a GPU unless told the CPU is meant.
+        use_cpu=precision.autocast is not None and not torch.cuda.is_available(),
     )
     collator = (
         DataCollatorWithFlattening(return_position_ids=True)
@@ -378,6 +380,9 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
         )
         trainer.remove_callback(PrinterCallback)  # progress is shown by the reporter, not as raw dicts
         trainer.train()
+        # Under mixed precision the Trainer wrapped the model's forward in autocast; evaluation,
+        # export and the returned model run at the weights' own precision, as a reloaded adapter does.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     train_seconds = time.monotonic() - t
     durations["train"] = round(train_seconds, 3)
     state = trainer.state

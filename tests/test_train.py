@@ -315,3 +315,28 @@ def test_the_same_config_gives_the_same_run(base_model: Path, support_data: Path
         report = run_training(parse_config(config)).report
         losses.append([p["loss"] for p in report["training"]["train_loss"]])
     assert losses[0] == losses[1]
+
+
+def test_bf16_autocast_trains_on_the_cpu(base_model: Path, support_data: Path, tmp_path: Path) -> None:
+    """What ``train.dtype: auto`` picks on a CPU with native bf16, run on any CPU (emulated where not)."""
+    config = parse_config(
+        config_for(
+            base_model,
+            support_data,
+            tmp_path / "run",
+            **{"train.dtype": "bfloat16", "train.max_steps": 4, "train.eval_steps": 2},
+        )
+    )
+    result = run_training(config)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    assert report["status"] == "succeeded"
+    assert report["training"]["precision"] == {
+        "weights": "float32",
+        "autocast": "bfloat16",
+        "why": report["training"]["precision"]["why"],
+    }
+    assert report["training"]["steps"] == 4
+    # The adapter's weights stay float32: only the matmuls ran in bf16.
+    reloaded, _ = load_adapter(read_adapter(result.run_dir))
+    lora = [p for n, p in reloaded.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
