@@ -25,8 +25,13 @@ with the CLI's reporter, which also timestamps each step) and reads the training
 from report.json. The baseline is the script a competent user writes: each conversation
 tokenized with the chat template, labels on the assistant tokens only
 (``adapterdeck.core.encode.encode``, so the labels are identical), ``DataCollatorForSeq2Seq``
-padding each batch to its longest example. At the end, both collators' batches are timed
-alternately in one process (forward + backward), a figure that holds on a busy machine too.
+padding each batch to its longest example, the model's own loss. Both sides train at the
+precision adapterdeck's ``train.dtype: auto`` picks on the machine (bf16 autocast where the CPU
+computes bf16 natively, float32 elsewhere), so the ratio is what adapterdeck's pipeline adds:
+packing and the loss on answer tokens only (``adapterdeck.core.loss``). At the end, the same
+batches are timed three ways in one process, alternating (forward + backward): padded with the
+full loss (the baseline), packed with the full loss, packed with the answer-only loss
+(adapterdeck), a figure that holds on a busy machine too and says what each part brings.
 """
 
 from __future__ import annotations
@@ -166,9 +171,15 @@ def make_data(workdir: Path, seed: int) -> dict[str, Path]:
 
 
 def write_config(
-    workdir: Path, base_dir: Path, files: dict[str, Path], settings: BaseSettings, steps: int, seed: int
+    workdir: Path,
+    base_dir: Path,
+    files: dict[str, Path],
+    settings: BaseSettings,
+    steps: int,
+    seed: int,
+    precision: str,
 ) -> Path:
-    """adapterdeck's run config; the baseline reads its settings from it too."""
+    """adapterdeck's run config; the baseline reads its settings, precision included, from it too."""
     import yaml
 
     config = {
@@ -182,6 +193,7 @@ def write_config(
             "eval_steps": eval_steps_for(steps),
             "seed": seed,
             "packing": True,
+            "dtype": precision,
         },
         # Fixed step count on both sides: no early stopping.
         "early_stopping": {"patience": None},
@@ -341,6 +353,7 @@ def baseline(cfg_path: Path, out: Path) -> None:
         return rows
 
     train_rows, val_rows = load(cfg["data"]["train"]), load(cfg["data"]["validation"])
+    bf16 = train_cfg["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(cfg["base"], dtype=torch.float32)
     lora = LoraConfig(
         task_type="CAUSAL_LM",
@@ -379,6 +392,9 @@ def baseline(cfg_path: Path, out: Path) -> None:
         dataloader_pin_memory=False,
         include_num_input_tokens_seen="non_padding",
         use_cache=False,
+        # The precision adapterdeck's side trains at (what its `train.dtype: auto` picked here).
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),
     )
     collator = _CountingCollator(
         DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100), train_rows
@@ -425,12 +441,17 @@ def baseline(cfg_path: Path, out: Path) -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
-    """One process, one model: the same batches as a padded batch and as one packed row, alternating.
+def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, Any]:
+    """One process, one model: the same batches three ways, alternating batch by batch.
 
-    Forward + backward only (the optimizer step is the same for both). Alternating batch by batch
-    puts both collators under the same load, so this ratio holds on a busy machine too.
+    ``baseline``: padded to the longest example, the model's own loss (logits at every position).
+    ``packed``: one flattened row, the model's own loss. ``adapterdeck``: one flattened row, the
+    loss on answer tokens only (``adapterdeck.core.loss.answer_loss``: logits only where a label
+    is). Forward + backward only (the optimizer step is the same for all), at the precision of the
+    config. Alternating puts every variant under the same load, so the ratios hold on a busy
+    machine too.
     """
+    import contextlib
     import logging
 
     import torch
@@ -448,6 +469,7 @@ def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
 
     from adapterdeck.core.encode import encode
     from adapterdeck.core.formats import Conversation, Message
+    from adapterdeck.core.loss import answer_loss
 
     cfg = yaml.safe_load(cfg_path.read_text())
     method, batch_size = cfg["method"], cfg["train"]["batch_size"]
@@ -471,31 +493,39 @@ def interleaved_steps(cfg_path: Path, batches: int) -> dict[str, float]:
         ),
     )
     model.train()
-    collators = {
-        "packed": DataCollatorWithFlattening(return_position_ids=True),
-        "padded": DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    packed = DataCollatorWithFlattening(return_position_ids=True)
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    variants: dict[str, tuple[Any, Any]] = {
+        "baseline": (padded, lambda batch: model(**batch, use_cache=False).loss),
+        "packed": (packed, lambda batch: model(**batch, use_cache=False).loss),
+        "adapterdeck": (packed, lambda batch: answer_loss(model, {**batch, "use_cache": False})[0]),
     }
-    times: dict[str, list[float]] = {name: [] for name in collators}
+    bf16 = cfg["train"].get("dtype") == "bfloat16"
+    times: dict[str, list[float]] = {name: [] for name in variants}
     tokens = 0
-    for i in range(batches + 1):  # batch 0 warms up both paths
+    for i in range(batches + 1):  # batch 0 warms up every path
         chunk = rows[i * batch_size : (i + 1) * batch_size]
-        order = list(collators) if i % 2 else list(reversed(collators))
+        names = list(variants)
+        order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
+            collate, loss_of = variants[name]
             started = time.perf_counter()
-            batch = collators[name](chunk)
-            model(**batch, use_cache=False).loss.backward()
+            batch = collate(chunk)
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                loss = loss_of(batch)
+            loss.backward()
             model.zero_grad(set_to_none=True)
             if i:
                 times[name].append(time.perf_counter() - started)
         if i:
             tokens += sum(len(r["input_ids"]) for r in chunk)
-    ratios = [b / a for a, b in zip(times["packed"], times["padded"], strict=True)]
-    return {
-        "batches": batches,
-        "packed": tokens / sum(times["packed"]),
-        "padded": tokens / sum(times["padded"]),
-        "median_ratio": statistics.median(ratios),
+    rate = {name: tokens / sum(t) for name, t in times.items()}
+    ratio = {
+        name: statistics.median(b / a for a, b in zip(times[name], times["baseline"], strict=True))
+        for name in ("packed", "adapterdeck")
     }
+    return {"batches": batches, "rate": rate, "median_ratio": ratio}
 
 
 # --- the benchmark -----------------------------------------------------------------------------
@@ -556,7 +586,12 @@ def main() -> int:
     print(f"workdir {workdir}: building the {opts.base} base and the data (seed {SEED})", flush=True)
     base_dir = build_base(opts.base, workdir)
     files = make_data(workdir, SEED)
-    cfg = write_config(workdir, base_dir, files, settings, steps, SEED)
+    from adapterdeck.core.train import choose_precision
+
+    # Both sides train at the precision adapterdeck's `train.dtype: auto` picks on this machine.
+    precision = choose_precision("auto")
+    dtype = precision.autocast or precision.load
+    cfg = write_config(workdir, base_dir, files, settings, steps, SEED, dtype)
     sizes = {k: len(_read_jsonl(v)) for k, v in files.items()}
     eval_steps = eval_steps_for(steps)
     lora = settings.lora
@@ -568,6 +603,7 @@ def main() -> int:
         f"lr {settings.learning_rate:g}, seed {SEED}",
         flush=True,
     )
+    print(f"both sides train at the same {precision.describe()}", flush=True)
     print(
         f"same work on both sides: validation loss every {eval_steps} steps, a checkpoint every "
         f"{eval_steps} steps, the best one reloaded at the end; early stopping off (fixed step count)",
@@ -630,10 +666,15 @@ def main() -> int:
         flush=True,
     )
     micro = interleaved_steps(cfg, micro_batches)
-    print(
-        f"  packed (adapterdeck) {micro['packed']:.0f} tokens/s, padded (baseline) {micro['padded']:.0f} "
-        f"tokens/s; median per-batch ratio padded time / packed time {micro['median_ratio']:.2f}"
-    )
+    labels = {
+        "baseline": "padded, loss over every position (baseline)",
+        "packed": "packed, loss over every position",
+        "adapterdeck": "packed, logits on answer tokens only (adapterdeck)",
+    }
+    for name, label in labels.items():
+        ratio = micro["median_ratio"].get(name)
+        against = f"; median per-batch speed-up over the baseline {ratio:.2f}" if ratio else ""
+        print(f"  {label:52} {micro['rate'][name]:7.0f} tokens/s{against}")
     print(
         f"load average (1/5/15 min) at the end: {_load()} on {os.cpu_count()} CPUs; "
         f"{time.monotonic() - t0:.0f} s in all"

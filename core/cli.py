@@ -369,11 +369,16 @@ def eval_(
         Path | None,
         typer.Option(help="JSONL to draw the shots from (default: the run's training data, when known)."),
     ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option(help="Reuse the base's outputs an earlier run on the same base stored."),
+    ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate an adapter and its base side by side on any data: zero-shot base, few-shot base, tuned."""
     from adapterdeck.core.adapters import load_adapter, read_adapter
     from adapterdeck.core.dataset import load_examples
+    from adapterdeck.core.evalcache import open_cache
     from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
     from adapterdeck.core.plugins import catalog
 
@@ -402,7 +407,10 @@ def eval_(
         max_new_tokens=max_new_tokens,
         samples=samples,
         progress=reporter.progress,
+        base_cache=open_cache(base or info.base, model, f"{info.method}, for evaluation") if cache else None,
     )
+    if result.cached:
+        err.print(f"base outputs read back from the cache: {', '.join(result.cached)}", highlight=False)
     verdict = prompt_verdict(result.metrics, chosen)
     payload = {
         "adapter": str(info.path),

@@ -116,9 +116,12 @@ class EvalConfig(Strict):
     evaluators: list[str] = Field(default_factory=lambda: ["loss", "exact_match"])
     samples: int = Field(5, ge=0, description="test prompts shown side by side in the report")
     max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1, description="examples per forward pass when evaluating")
     base_shots: int = Field(
         3, ge=0, description="solved training examples in the few-shot base's prompt (0: no few-shot base)"
+    )
+    cache_base: bool = Field(
+        True, description="keep the base's outputs on disk and read them back in later runs on the same base"
     )
 
 

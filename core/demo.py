@@ -145,7 +145,7 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
 
 # Examples per demo task: the tiny base learns from scratch and needs more; the real base is tuned
 # with its method's default hyperparameters on fewer, so the demo fits in minutes on 2 CPUs.
-DEMO_EXAMPLES = {"tiny": 600, "real": 200}
+DEMO_EXAMPLES = {"tiny": 600, "real": 300}
 
 
 def demo_config(

@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 from adapterdeck.core.encode import IGNORE, encode, encode_prompt
 from adapterdeck.core.evaluators import EvalSample, Evaluator
 from adapterdeck.core.formats import Conversation
+from adapterdeck.core.loss import answer_only_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from adapterdeck.core.evalcache import BaseOutputCache
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -23,7 +26,7 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 class ModelOutputs:
     """What one model did on the examples: per-example loss and (when needed) generated text."""
 
-    losses: list[float]
+    losses: list[float | None]  # None where no evaluator needed the loss
     predictions: list[str | None]
 
 
@@ -32,6 +35,7 @@ class Comparison:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     outputs: dict[str, ModelOutputs] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)  # base runs read back from a BaseOutputCache
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any]]]:
@@ -51,6 +55,8 @@ def example_losses(
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    only_answers = answer_only_logits(base, model)
     out: list[float] = []
     for start, batch in _batches(examples, batch_size):
         rows = [encode(tokenizer, c) for c in batch]
@@ -62,9 +68,15 @@ def example_losses(
             [r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows], device=device
         )
         mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+        target = labels[:, 1:]
+        kwargs: dict[str, Any] = {}
+        if only_answers:  # the vocabulary projection only at positions that predict a reference token
+            keep = (target != IGNORE).any(dim=0).nonzero().squeeze(-1)
+            kwargs["logits_to_keep"] = keep
+            target = target[:, keep]
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
-        shifted, target = logits[:, :-1], labels[:, 1:]
+            logits = model(input_ids=ids, attention_mask=mask.to(device), **kwargs).logits.float()
+        shifted = logits if only_answers else logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(
             shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(target.shape)
@@ -125,17 +137,30 @@ def run_model(
     With ``fit_to_references``, answers are cut at the longest reference plus a little room
     (a task's answers look like its references); without, at ``max_new_tokens``.
     """
-    losses = example_losses(model, tokenizer, examples, batch_size, progress)
+    budget = generation_budget(tokenizer, examples, evaluators, max_new_tokens, fit_to_references)
+    losses: list[float | None] = [None] * len(examples)
+    if any(e.needs_loss for e in evaluators):
+        losses = list(example_losses(model, tokenizer, examples, batch_size, progress))
     predictions: list[str | None] = [None] * len(examples)
-    if any(e.needs_generation for e in evaluators):
-        budget = max_new_tokens
-        if fit_to_references:
-            longest = max(
-                len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in examples
-            )
-            budget = min(max_new_tokens, longest + 16)
+    if budget:
         predictions = list(generate(model, tokenizer, examples, budget, batch_size, progress))
     return ModelOutputs(losses, predictions)
+
+
+def generation_budget(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Conversation],
+    evaluators: Sequence[Evaluator],
+    max_new_tokens: int,
+    fit_to_references: bool,
+) -> int:
+    """New tokens generated per answer: 0 when no evaluator needs text (see ``run_model``)."""
+    if not examples or not any(e.needs_generation for e in evaluators):
+        return 0
+    if not fit_to_references:
+        return max_new_tokens
+    longest = max(len(tokenizer(c.reference, add_special_tokens=False)["input_ids"]) for c in examples)
+    return min(max_new_tokens, longest + 16)
 
 
 def score(evaluator: Evaluator, examples: Sequence[Conversation], outputs: ModelOutputs) -> dict[str, float]:
@@ -148,7 +173,7 @@ def score(evaluator: Evaluator, examples: Sequence[Conversation], outputs: Model
     return {"value": _clean(value), **{k: _clean(v) for k, v in evaluator.details(scores).items()}}
 
 
-def _clean(x: float) -> float | None:
+def _clean(x: float | None) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 6)
 
 
@@ -184,19 +209,23 @@ def compare(
     base_context: Callable[[], AbstractContextManager[Any]] | None,
     shots: Sequence[Conversation] = (),
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = 32,
     samples: int = 5,
     progress: Progress | None = None,
+    base_cache: BaseOutputCache | None = None,
 ) -> Comparison:
     """Score the tuned model and (inside ``base_context``, which disables the adapter) the base.
 
     The base is scored as prompted by the data (zero-shot, with the data's system prompt) and,
     when ``shots`` are given, with those solved examples in its prompt (few-shot): the prompt
     baseline tuning has to beat. Evaluators that bring their own probe set (``examples()``) score
-    the base and the tuned model on it instead of on ``examples``.
+    the base and the tuned model on it instead of on ``examples``. With ``base_cache``, the base's
+    outputs are read from it where an earlier run stored them, and stored there otherwise;
+    ``Comparison.cached`` names the runs read back.
     """
     result = Comparison()
-    task_evaluators = [ev for ev in evaluators if ev.examples() is None]
+    probe_sets = {ev.name: ev.examples() for ev in evaluators}
+    task_evaluators = [ev for ev in evaluators if probe_sets[ev.name] is None]
     runs: list[tuple[str, Callable[[], AbstractContextManager[Any]], Sequence[Conversation]]] = []
     if base_context is not None:
         runs.append((BASE, base_context, examples))
@@ -210,16 +239,40 @@ def compare(
             return None
         return lambda what, done, total: progress(f"{label} {what}", done, total)
 
+    def outputs_of(
+        label: str,
+        context: Callable[[], AbstractContextManager[Any]],
+        prompts: Sequence[Conversation],
+        evs: Sequence[Evaluator],
+        budget: int,
+        shown: str,
+        fit: bool = True,
+    ) -> ModelOutputs:
+        cache = base_cache if label != TUNED else None
+        key = ""
+        if cache is not None:
+            tokens = generation_budget(tokenizer, prompts, evs, budget, fit)
+            losses = any(e.needs_loss for e in evs)
+            key = cache.key(prompts, new_tokens=tokens, losses=losses, batch_size=batch_size)
+            stored = cache.get(key, len(prompts))
+            if stored is not None:
+                result.cached.append(shown)
+                if progress is not None:
+                    progress(f"{shown}: read back from the cache", len(prompts), len(prompts))
+                return stored
+        with context():
+            outputs = run_model(model, tokenizer, prompts, evs, budget, batch_size, step(shown), fit)
+        if cache is not None:
+            cache.put(key, outputs)
+        return outputs
+
     for label, context, prompts in runs:
         if not task_evaluators:
             break
-        with context():
-            result.outputs[label] = run_model(
-                model, tokenizer, prompts, task_evaluators, max_new_tokens, batch_size, step(label)
-            )
+        result.outputs[label] = outputs_of(label, context, prompts, task_evaluators, max_new_tokens, label)
     for ev in evaluators:
         entry: dict[str, Any] = {"higher_is_better": ev.higher_is_better}
-        own = ev.examples()
+        own = probe_sets[ev.name]
         if own is None:
             for label, outputs in result.outputs.items():
                 entry[label] = score(ev, examples, outputs)
@@ -228,17 +281,8 @@ def compare(
             for label, context, _ in runs:
                 if label == FEW_SHOT:
                     continue
-                with context():
-                    outputs = run_model(
-                        model,
-                        tokenizer,
-                        own,
-                        [ev],
-                        ev.max_new_tokens,
-                        batch_size,
-                        step(f"{label} {ev.name}"),
-                        fit_to_references=False,
-                    )
+                shown = f"{label} {ev.name}"
+                outputs = outputs_of(label, context, own, [ev], ev.max_new_tokens, shown, fit=False)
                 entry[label] = score(ev, own, outputs)
         if BASE in entry:
             b, t = entry[BASE]["value"], entry[TUNED]["value"]

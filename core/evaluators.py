@@ -30,6 +30,8 @@ class Evaluator(ABC):
     higher_is_better: ClassVar[bool] = True
     #: False when only the loss is needed (no text is generated for it).
     needs_generation: ClassVar[bool] = True
+    #: False when ``score`` never reads ``sample.loss`` (the loss pass over the examples is skipped).
+    needs_loss: ClassVar[bool] = True
 
     #: Most generated answer tokens this evaluator's own examples need (see ``examples``).
     max_new_tokens: ClassVar[int] = 64

@@ -30,6 +30,7 @@ from adapterdeck.core.config import RunConfig
 from adapterdeck.core.dataset import DataError, ValidationReport, validate_file
 from adapterdeck.core.encode import encode_all
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.formats import Conversation
 from adapterdeck.core.loss import answer_loss_trainer, answer_only_logits
@@ -484,7 +485,14 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
             batch_size=config.eval.batch_size,
             samples=config.eval.samples,
             progress=rep.progress,
+            base_cache=open_cache(config.base, peft_model, f"{method.name}, as trained")
+            if config.eval.cache_base
+            else None,
         )
+        if result.cached:
+            rep.note(
+                f"base outputs read back from the cache ({default_cache_dir()}): {', '.join(result.cached)}"
+            )
         durations["evaluate"] = round(time.monotonic() - t, 3)
         report["test"] = {
             "examples": len(split.test),
@@ -492,6 +500,7 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
             "shot_lines": [c.line for c in shots],
             "metrics": result.metrics,
             "verdict": prompt_verdict(result.metrics, evaluators),
+            "base_cached": result.cached,  # base runs read back from the cache, not generated again
         }
         report["samples"] = result.samples
     durations["total"] = round(time.monotonic() - started, 3)

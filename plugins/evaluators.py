@@ -50,6 +50,7 @@ class ExactMatch(Evaluator):
     description = "1.0 when the answer equals the reference (ignoring surrounding whitespace), else 0.0"
     higher_is_better = True
     needs_generation = True
+    needs_loss = False
 
     def score(self, sample: EvalSample) -> float:
         if sample.prediction is None:
@@ -62,6 +63,7 @@ class JsonValid(Evaluator):
     description = "1.0 when the answer parses as a JSON value (NaN and Infinity do not), else 0.0"
     higher_is_better = True
     needs_generation = True
+    needs_loss = False
 
     def score(self, sample: EvalSample) -> float:
         if sample.prediction is None:
@@ -83,6 +85,7 @@ class RougeL(Evaluator):
     description = "ROUGE-L F-measure of the answer against the reference (longest common subsequence)"
     higher_is_better = True
     needs_generation = True
+    needs_loss = False
 
     def __init__(self) -> None:
         self._scorer: RougeScorer | None = None

@@ -184,6 +184,7 @@ class General(Evaluator):
     )
     higher_is_better = True
     needs_generation = True
+    needs_loss = False
     max_new_tokens = 48
 
     def __init__(self) -> None:

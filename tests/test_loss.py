@@ -74,3 +74,16 @@ def test_prompt_tuning_keeps_the_full_projection(base_model: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(base_model)
     prefix = get_peft_model(base, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     assert answer_only_logits(base, prefix)
+
+
+def test_evaluation_losses_are_the_same_with_the_projection_cut(
+    lora: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapterdeck.core import evaluate
+
+    _, model, tokenizer = lora
+    model.eval()
+    cut = evaluate.example_losses(model, tokenizer, _conversations(), batch_size=2)
+    monkeypatch.setattr(evaluate, "answer_only_logits", lambda base, model: False)
+    full = evaluate.example_losses(model, tokenizer, _conversations(), batch_size=2)
+    assert cut == pytest.approx(full, rel=1e-5)
