@@ -356,7 +356,11 @@ class FineTuning:
         seq = t.ft_files.c.seq
         with self.engine.connect() as conn:
             if after is not None:
-                mark = conn.execute(select(seq).where(t.ft_files.c.id == after)).scalar()
+                # The cursor is looked up as the caller sees files: another tenant's is unknown.
+                cursor = select(seq).select_from(_FILE_FROM).where(t.ft_files.c.id == after)
+                if tenant is not None:
+                    cursor = cursor.where(t.tenants.c.name == tenant)
+                mark = conn.execute(cursor).scalar()
                 if mark is None:
                     raise NotFound(f"No such file: {after}")
                 query = query.where(seq < mark if order == "desc" else seq > mark)
@@ -456,7 +460,10 @@ class FineTuning:
             query = query.where(t.tenants.c.name == tenant)
         with self.engine.connect() as conn:
             if after is not None:
-                mark = conn.execute(select(seq).where(t.ft_jobs.c.id == after)).scalar()
+                cursor = select(seq).select_from(_JOB_FROM).where(t.ft_jobs.c.id == after)
+                if tenant is not None:
+                    cursor = cursor.where(t.tenants.c.name == tenant)
+                mark = conn.execute(cursor).scalar()
                 if mark is None:
                     raise NotFound(f"No such fine-tuning job: {after}")
                 query = query.where(seq < mark)

@@ -21,6 +21,8 @@ NAME_RE = TENANT_RE
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 TENANT_MAX, NAME_MAX, ALIAS_MAX = 40, 64, 32
 DEFAULT_ALIAS = "prod"
+# Names no tenant may have: "admin" labels the admin key's own traffic in /metrics.
+RESERVED_TENANTS = frozenset({"admin"})
 # Versions are stored as 32-bit integers (SQLite and PostgreSQL alike).
 VERSION_MAX = 2**31 - 1
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -67,7 +69,13 @@ def _check(kind: str, value: str, pattern: re.Pattern[str], limit: int) -> str:
 
 
 def check_tenant(value: str) -> str:
-    return _check("tenant", value, TENANT_RE, TENANT_MAX)
+    _check("tenant", value, TENANT_RE, TENANT_MAX)
+    if value in RESERVED_TENANTS:
+        raise InvalidRef(
+            f"tenant name {value!r} is reserved: the admin key's traffic is labelled "
+            f'tenant="{value}" in /metrics; choose another name'
+        )
+    return value
 
 
 def check_name(value: str) -> str:

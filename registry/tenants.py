@@ -12,10 +12,12 @@ from sqlalchemy import select
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import write_transaction
-from adapterdeck.registry.refs import check_tenant
+from adapterdeck.registry.refs import RESERVED_TENANTS, check_tenant
 from adapterdeck.registry.registry import Registry, _insert_ignore
 
 KEY_PREFIX = "adk_"
+KEY_LENGTH = len(KEY_PREFIX) + 43  # secrets.token_urlsafe(32) is 43 characters
+PREFIX_LENGTH = len(KEY_PREFIX) + 6  # what is stored of a key besides its digest, and shown
 ROLE_TENANT, ROLE_ADMIN = "tenant", "admin"
 
 
@@ -53,7 +55,7 @@ def create_key(registry: Registry, tenant: str | None) -> str:
             t.api_keys.insert().values(
                 tenant_id=tenant_id,
                 key_sha256=_digest(key),
-                prefix=key[: len(KEY_PREFIX) + 6],
+                prefix=key[:PREFIX_LENGTH],
                 role=ROLE_TENANT if tenant is not None else ROLE_ADMIN,
                 created_at=now,
             )
@@ -62,26 +64,44 @@ def create_key(registry: Registry, tenant: str | None) -> str:
 
 
 def authenticate(registry: Registry, key: str) -> Principal | None:
-    """The principal a key belongs to, or None for an unknown or revoked key."""
+    """The principal a key belongs to, or None for an unknown or revoked key.
+
+    A tenant key of a reserved name (made before the name was reserved) is refused too: its
+    ``/metrics`` would show the admin key's traffic.
+    """
     with registry.engine.connect() as conn:
         row = conn.execute(
             select(t.api_keys.c.role, t.api_keys.c.prefix, t.tenants.c.name)
             .select_from(t.api_keys.outerjoin(t.tenants, t.tenants.c.id == t.api_keys.c.tenant_id))
             .where(t.api_keys.c.key_sha256 == _digest(key), t.api_keys.c.revoked_at.is_(None))
         ).first()
-    if row is None:
+    if row is None or (row.role == ROLE_TENANT and row.name in RESERVED_TENANTS):
         return None
     return Principal(row.role, row.name, row.prefix)
 
 
-def revoke_key(registry: Registry, prefix: str) -> int:
-    """Revoke every key starting with ``prefix``; returns how many."""
-    if len(prefix) < len(KEY_PREFIX) + 4:
-        raise AdapterdeckError("give at least the first 8 characters of the key")
-    with write_transaction(registry.engine) as conn:
-        result = conn.execute(
-            t.api_keys.update()
-            .where(t.api_keys.c.prefix == prefix[: len(KEY_PREFIX) + 6], t.api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=datetime.now(UTC))
+def revoke_key(registry: Registry, key_or_prefix: str) -> int:
+    """Revoke the key, or every key that starts with the given first characters; returns how many.
+
+    A whole key names exactly that key; a shorter text is compared on its first ``PREFIX_LENGTH``
+    characters (all that is stored of a key besides its digest). Nothing to revoke is an error, so
+    a mistyped or too short prefix is never taken for done.
+    """
+    given = key_or_prefix.strip()
+    if len(given) < PREFIX_LENGTH:
+        raise AdapterdeckError(
+            f"{given!r} is {len(given)} characters; give the key, or at least its first "
+            f"{PREFIX_LENGTH} characters ({KEY_PREFIX!r} and {PREFIX_LENGTH - len(KEY_PREFIX)} more)"
         )
-    return result.rowcount
+    keys = t.api_keys.c
+    whole = len(given) >= KEY_LENGTH
+    match = keys.key_sha256 == _digest(given) if whole else keys.prefix == given[:PREFIX_LENGTH]
+    with write_transaction(registry.engine) as conn:
+        revoked = conn.execute(
+            t.api_keys.update().where(match, keys.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
+        ).rowcount
+    if not revoked:
+        shown = f"{given[:PREFIX_LENGTH]}..." if whole else given[:PREFIX_LENGTH]
+        what = "the key" if whole else "a key starting with"
+        raise AdapterdeckError(f"no active key matches {what} {shown!r}; nothing was revoked")
+    return revoked

@@ -1,10 +1,11 @@
 """Everything checked before an adapter version becomes visible. A refusal lists every reason.
 
 Checks: the directory holds a PEFT config PEFT can read and safetensors weights whose header
-parses, whose data is complete and whose tensors agree with the config; the adapter was made
-for a base the registry knows (by fingerprint of its config, vocabulary and chat template) and
-its tensors fit that base's layers; a LoRA meant for vLLM follows vLLM's rules (rank within the
-maximum, no DoRA, no bias, no modules_to_save, only linear layers the base has); size limits.
+parses, that hold at least one tensor, whose data is complete and whose tensors agree with the
+config; the adapter was made for a base the registry knows (by fingerprint of its config,
+vocabulary and chat template) and its tensors fit that base's layers; a LoRA meant for vLLM
+follows vLLM's rules (rank within the maximum, no DoRA, no bias, no modules_to_save, only linear
+layers the base has); size limits.
 
 Everything in the directory is treated as hostile: only plain files with the names an adapter
 has are accepted (no symbolic links, subdirectories or other names), JSON files are size-capped
@@ -505,6 +506,9 @@ def validate(
     tensors: dict[str, Any] = {}
     if WEIGHTS in found:
         tensors, problems = read_safetensors_header(found[WEIGHTS])
+        if not tensors and not problems:
+            # PEFT loads such a file without complaint and serves the weights it initialised itself.
+            problems = [f"{WEIGHTS} holds no tensors: the adapter has no trained weights"]
         reasons.extend(problems)
         if PICKLED_WEIGHTS in present:
             reasons.append(f"unexpected file {PICKLED_WEIGHTS} (pickled weights); remove it")

@@ -174,8 +174,10 @@ def admin_key() -> None:
 
 
 @tenant_app.command("revoke")
-def revoke(prefix: Annotated[str, typer.Argument(help="The key, or its first 10 characters.")]) -> None:
-    """Revoke an API key."""
+def revoke(
+    prefix: Annotated[str, typer.Argument(help="The key, or at least its first 10 characters.")],
+) -> None:
+    """Revoke an API key (it stops working within 10 seconds). A prefix that matches no key is an error."""
     from adapterdeck.registry.tenants import revoke_key
 
     out.print(f"revoked {revoke_key(_registry(), prefix)} key(s)")
