@@ -17,6 +17,7 @@ from rich.table import Table
 from adapterdeck.core import __version__
 from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.progress import StepLoss, StepLosses
 
 app = typer.Typer(
     name="adapterdeck",
@@ -244,7 +245,7 @@ class RichReporter:
         self._bar: Any = None
         self._task: Any = None
         self._eval: dict[str, Any] = {}
-        self._last_val: float | None = None
+        self._losses = StepLosses()
 
     def stage(self, name: str) -> None:
         self.console.rule(name)
@@ -279,20 +280,30 @@ class RichReporter:
         self._bar.start()
 
     def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
-        fields = {
-            "loss": f"{loss:.4f}" if loss is not None else "-",
-            "val": f"{val_loss:.4f}" if val_loss else "-",
-        }
-        self._bar.update(self._task, completed=step, **fields)
-        if val_loss is not None and val_loss != self._last_val:
-            self._last_val = val_loss
-            self._bar.console.print(
-                f"  step {step}: train loss {fields['loss']}, validation loss {fields['val']}"
-            )
+        revealed = self._losses.reached(step, loss, val_loss)
+        train, valid = self._losses.latest(step)
+        self._bar.update(self._task, completed=step, loss=_loss(train), val=_loss(valid))
+        self._print_evaluations(revealed)
 
     def train_end(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+    def finish(self, training: dict[str, Any]) -> None:
+        """The run's report is written: print what was evaluated at the last step."""
+        self._print_evaluations(self._losses.finish(training))
+
+    def _print_evaluations(self, logged: list[StepLoss]) -> None:
+        console = self._bar.console if self._bar is not None else self.console
+        for point in logged:
+            if point.valid_loss is not None:
+                train, _ = self._losses.latest(point.step)
+                losses = f"train loss {_loss(train)}, validation loss {_loss(point.valid_loss)}"
+                console.print(f"  step {point.step}: {losses}", highlight=False)
+
+
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -321,7 +332,9 @@ def train(
     from adapterdeck.core.train import run_training
 
     config = load_config(config_file, _parse_sets(set_ or []))
-    result = run_training(config, RichReporter(out), overwrite=overwrite)
+    reporter = RichReporter(out)
+    result = run_training(config, reporter, overwrite=overwrite)
+    reporter.finish(result.report["training"])
     _print_summary(result.report, result.run_dir)
     if result.report["status"] == "interrupted":
         raise typer.Exit(130)

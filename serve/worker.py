@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.progress import StepLoss, StepLosses, epoch_ends
 from adapterdeck.registry import NotFound, PublishRefused, Registry
 from adapterdeck.registry.finetune import (
     PURPOSE_RESULTS,
@@ -166,15 +166,19 @@ class _Emitter:
 
 
 class _JobReporter:
-    """Training progress as job events: stages, metrics at each logged step, each epoch's losses."""
+    """Training progress as job events: stages, a metrics event per step a loss was logged at, each
+    epoch's losses. Every value carries the step it was logged at (see ``core/progress.py``), as
+    ``step_metrics.csv`` does."""
 
     def __init__(self, emit: _Emitter, epochs: float) -> None:
         self.emit = emit
         self.epochs = epochs
         self.total = 0
         self.started = 0.0
-        self.epoch_done = 0
-        self.last: tuple[float | None, float | None] = (None, None)
+        self.step = 0
+        self.losses = StepLosses()
+        self.epoch_ends: list[int] = []
+        self.epochs_reported = 0
 
     def stage(self, name: str) -> None:
         self.emit("message", message=name[:1].upper() + name[1:])
@@ -188,33 +192,60 @@ class _JobReporter:
 
     def train_start(self, total_steps: int) -> None:
         self.total, self.started = total_steps, time.monotonic()
+        self.epoch_ends = epoch_ends(total_steps, self.epochs)
         self.emit("message", message=f"Training: {total_steps} steps, {self.epochs:g} epoch(s)")
 
     def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
-        elapsed = time.monotonic() - self.started
-        finish = time.time() + elapsed / step * (self.total - step) if step else None
-        if (loss, val_loss) != self.last:
-            self.last = (loss, val_loss)
-            data = {"step": step, "total_steps": self.total, "train_loss": loss, "valid_loss": val_loss}
-            valid = f", validation loss={_fmt(val_loss)}" if val_loss is not None else ""
-            self.emit(
-                "metrics",
-                message=f"Step {step}/{self.total}: training loss={_fmt(loss)}{valid}",
-                data=data,
-                estimated_finish=finish,
-            )
-        per_epoch = self.total / self.epochs if self.epochs else self.total
-        epoch = min(math.floor(step / per_epoch + 1e-9), math.ceil(self.epochs)) if per_epoch else 0
-        if epoch > self.epoch_done:
-            self.epoch_done = epoch
-            self.emit(
-                "message",
-                message=f"Epoch {epoch}/{math.ceil(self.epochs)}: training loss {_fmt(loss)}, "
-                f"validation loss {_fmt(val_loss)}",
-                data={"epoch": epoch, "step": step, "train_loss": loss, "valid_loss": val_loss},
-            )
+        self.step = step
+        for logged in self.losses.reached(step, loss, val_loss):
+            self._metrics(logged)
+        self._epochs()
 
     def train_end(self) -> None: ...
+
+    def finish(self, training: dict[str, Any]) -> None:
+        """The run's report is written: report what was logged at the last step, and the last epoch."""
+        self.step = max(self.step, int(training.get("steps") or 0))
+        for logged in self.losses.finish(training):
+            self._metrics(logged)
+        self._epochs()
+
+    def _metrics(self, logged: StepLoss) -> None:
+        elapsed = time.monotonic() - self.started
+        step = self.step
+        finish = time.time() + elapsed / step * (self.total - step) if step and step < self.total else None
+        parts = [
+            f"{what} loss={_fmt(value)}"
+            for what, value in (("training", logged.train_loss), ("validation", logged.valid_loss))
+            if value is not None
+        ]
+        self.emit(
+            "metrics",
+            message=f"Step {logged.step}/{self.total}: {', '.join(parts)}",
+            data={
+                "step": logged.step,
+                "total_steps": self.total,
+                "train_loss": logged.train_loss,
+                "valid_loss": logged.valid_loss,
+            },
+            estimated_finish=finish,
+        )
+
+    def _epochs(self) -> None:
+        """Each epoch's summary once every value logged up to its last step is known."""
+        while (
+            self.epochs_reported < len(self.epoch_ends)
+            and self.epoch_ends[self.epochs_reported] <= self.losses.known_through
+        ):
+            end = self.epoch_ends[self.epochs_reported]
+            self.epochs_reported += 1
+            train, valid = self.losses.latest(end)
+            self.emit(
+                "message",
+                message=f"Epoch {self.epochs_reported}/{len(self.epoch_ends)}: training loss {_fmt(train)}, "
+                f"validation loss {_fmt(valid)}",
+                data={"epoch": self.epochs_reported, "step": end, "train_loss": train, "valid_loss": valid},
+            )
 
 
 def _fmt(value: float | None) -> str:
@@ -252,8 +283,10 @@ def _child(spec_path: str) -> int:
             ),
             f"job {spec['job_id']}",
         )
-        result = run_training(config, _JobReporter(emit, resolved["n_epochs"]), overwrite=True)
+        reporter = _JobReporter(emit, resolved["n_epochs"])
+        result = run_training(config, reporter, overwrite=True)
         training = result.report["training"]
+        reporter.finish(training)
         if training["stop_reason"] == "early_stopping":
             emit(
                 "message",
