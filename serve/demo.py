@@ -67,7 +67,7 @@ def demo_run(
     from adapterdeck.core.basemodel import BASE_NAMES, TINY, build_base_model, ensure_named_base
     from adapterdeck.core.cli import RichReporter, _print_summary
     from adapterdeck.core.config import parse_config
-    from adapterdeck.core.demo import DEMO_EXAMPLES, TASKS, demo_config, write_demo_dataset
+    from adapterdeck.core.demo import TASKS, demo_config, demo_examples, write_demo_dataset
     from adapterdeck.core.train import run_training
 
     if base not in BASE_NAMES:
@@ -85,8 +85,8 @@ def demo_run(
     out.print(f"base model: {base_dir}")
     runs: dict[str, Path] = {}
     reports: dict[str, dict] = {}
-    n = DEMO_EXAMPLES["real" if real else "tiny"]
     for task, spec in TASKS.items():
+        n = demo_examples(task, real)
         data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, n=n, seed=seed)
         config = parse_config(
             demo_config(base_dir, data, workdir / "runs" / task, seed, task, real=real), f"demo {task}"
