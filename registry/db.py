@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.private import create_private, private_dir
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 _BEGIN_MODE = "adapterdeck_begin_mode"
@@ -50,7 +51,10 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            # SQLite gives its -wal and -shm files the database file's mode: create it private.
+            database = Path(parsed.database).expanduser()
+            private_dir(database.parent)
+            create_private(database)
         engine = create_engine(url, connect_args={"timeout": 60})
 
         @event.listens_for(engine, "connect")

@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Row, and_, func, select, update
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import write_transaction
+from adapterdeck.registry.private import make_private, private_dir
 from adapterdeck.registry.registry import Conflict, NotFound, Registry, _insert_ignore
 from adapterdeck.registry.store import sha256_file
 
@@ -85,7 +86,8 @@ def adapter_name(suffix: str | None, job_id: str) -> str:
 
 class FileStore:
     """Uploaded files by id, under ``<storage>/finetune/files/`` (apart from the adapter blobs, so
-    ``registry gc`` never sees them). Local writes go to a temporary name renamed into place."""
+    ``registry gc`` never sees them). Local writes go to a temporary name renamed into place, mode
+    0600 in directories of mode 0700."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         try:
@@ -104,9 +106,10 @@ class FileStore:
         if not self.local:
             self.fs.put_file(str(local), target)
             return
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(target).parent)
         tmp = f"{target}.{uuid.uuid4().hex}.tmp"
         self.fs.put_file(str(local), tmp)
+        make_private(tmp)
         os.replace(tmp, target)
 
     def put_bytes(self, file_id: str, data: bytes) -> None:
@@ -114,9 +117,10 @@ class FileStore:
         if not self.local:
             self.fs.pipe_file(target, data)
             return
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(target).parent)
         tmp = f"{target}.{uuid.uuid4().hex}.tmp"
         Path(tmp).write_bytes(data)
+        make_private(tmp)
         os.replace(tmp, target)
 
     def read(self, file_id: str, sha256: str) -> bytes:

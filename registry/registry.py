@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Row, and_, bindparam, func, select, text, upd
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import make_engine, migrate, write_transaction
+from adapterdeck.registry.private import private_dir
 from adapterdeck.registry.refs import DEFAULT_ALIAS, Ref, check_alias, parse_adapter, parse_ref
 from adapterdeck.registry.settings import RegistrySettings
 from adapterdeck.registry.store import SHA256_RE, BlobStore, sha256_file
@@ -186,6 +187,7 @@ class Registry:
 
     def __init__(self, settings: RegistrySettings | None = None) -> None:
         self.settings = settings or RegistrySettings()
+        private_dir(self.settings.home.expanduser())
         self.engine = make_engine(self.settings.resolved_database_url())
         migrate(self.engine)
         self.store = BlobStore(self.settings.resolved_storage_url(), self.settings.storage_options)
@@ -541,12 +543,12 @@ class Registry:
         target = cache / info.manifest_sha256
         if (target / "adapter_config.json").exists():
             return target
-        cache.mkdir(parents=True, exist_ok=True)
+        private_dir(cache)
         tmp = cache / f".{info.manifest_sha256}.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir()
+        private_dir(tmp)
         try:
             for f in files:
-                self.store.get_file(f["sha256"], tmp / f["path"])
+                self.store.get_file(f["sha256"], tmp / f["path"], private=True)
             try:
                 os.replace(tmp, target)
             except OSError:  # another process finished first

@@ -2,7 +2,8 @@
 
 A blob lives at ``blobs/<first two hex digits>/<sha256>`` and is never modified: writing the
 same content twice stores it once. Local writes go to a temporary name and are renamed into
-place; object stores make a PUT visible whole.
+place, readable by their owner only (files 0600, directories 0700); object stores make a PUT
+visible whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.private import make_private, private_dir
 
 CHUNK = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -57,9 +59,10 @@ class BlobStore:
         if not self.local:
             write(target)  # an object store makes a PUT visible whole
             return
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        private_dir(Path(target).parent)
         tmp = f"{target}.{uuid.uuid4().hex}.tmp"
         write(tmp)
+        make_private(tmp)
         os.replace(tmp, target)
 
     def put_file(self, local: str | Path, sha: str) -> bool:
@@ -83,8 +86,9 @@ class BlobStore:
             raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
         return data
 
-    def get_file(self, sha: str, dest: str | Path) -> None:
-        """Copy a blob to ``dest``, checking its digest; ``dest`` appears only when complete."""
+    def get_file(self, sha: str, dest: str | Path, *, private: bool = False) -> None:
+        """Copy a blob to ``dest``, checking its digest; ``dest`` appears only when complete (with
+        mode 0600 when ``private``)."""
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -94,6 +98,8 @@ class BlobStore:
         if sha256_file(tmp) != sha:
             tmp.unlink(missing_ok=True)
             raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
+        if private:
+            make_private(tmp)
         os.replace(tmp, dest)
 
     def blobs(self) -> Iterator[tuple[str, float]]:

@@ -46,8 +46,11 @@ def serve(
     """Serve the base and every adapter in the registry behind an OpenAI-compatible API."""
     import uvicorn
 
+    from adapterdeck.registry.private import private_dir, private_umask
     from adapterdeck.serve.gateway import create_app
     from adapterdeck.serve.settings import load_serve_settings
+
+    private_umask()  # logs, uploads, vLLM's files: every tenant's data, readable by this user only
 
     settings = load_serve_settings(
         config,
@@ -67,7 +70,8 @@ def serve(
     registry = _registry(location.home, location.database_url, location.storage_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per proxied request
-    app = create_app(settings, registry, log_dir=registry.settings.home.expanduser() / "logs")
+    log_dir = private_dir(registry.settings.home.expanduser() / "logs")
+    app = create_app(settings, registry, log_dir=log_dir)
     out.print(f"serving {settings.base_name()} on http://{settings.host}:{settings.port}/v1")
     local_workers = _start_local_workers(settings, registry)
     try:
@@ -121,10 +125,12 @@ def worker(
     """Run queued fine-tuning jobs from the registry, one at a time, until stopped (Ctrl-C, SIGTERM)."""
     import signal
 
+    from adapterdeck.registry.private import private_umask
     from adapterdeck.serve.settings import WorkerSettings, load_serve_settings
     from adapterdeck.serve.worker import Worker, die_with_parent
 
     die_with_parent()
+    private_umask()  # tenants' training data and runs, readable by this user only
     if settings_json is not None:  # from `adapterdeck serve`: its exact settings
         settings = WorkerSettings.model_validate_json(settings_json)
     else:

@@ -42,6 +42,7 @@ from adapterdeck.registry.finetune import (
     JobRecord,
     NewCheckpoint,
 )
+from adapterdeck.registry.private import PRIVATE_UMASK, create_private, private_dir
 from adapterdeck.serve.settings import FineTuneSettings, ServeSettings
 
 logger = logging.getLogger("adapterdeck.worker")
@@ -454,7 +455,7 @@ class Worker:
 
     def _prepare(self, job: JobRecord, job_dir: Path) -> Path:
         shutil.rmtree(job_dir, ignore_errors=True)
-        (job_dir / "data").mkdir(parents=True)
+        private_dir(job_dir / "data")  # the tenant's training data, then the run
         paths: dict[str, str | None] = {"train": None, "validation": None}
         examples = 0
         for key, file_id, param in (
@@ -470,6 +471,7 @@ class Worker:
                     f"invalid_{param}", f"{param} {file_id} was deleted before the job could use it", param
                 ) from None
             target = job_dir / "data" / f"{key}.jsonl"
+            create_private(target)
             target.write_bytes(self.jobs.file_content(record))
             paths[key] = str(target)
             examples = examples or (record.examples or 0)
@@ -485,12 +487,14 @@ class Worker:
             "output": str(job_dir / "run"),
         }
         spec_path = job_dir / "spec.json"
+        create_private(spec_path)
         spec_path.write_text(json.dumps(spec, indent=2))
         return spec_path
 
     def _train(self, job: JobRecord, spec: Path, heart: _Heartbeat) -> _Run:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         log_path = self.log_dir / f"{job.id}.log"
+        create_private(log_path)
         env = {**os.environ, PARENT_ENV: str(os.getpid()), "TOKENIZERS_PARALLELISM": "false"}
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
@@ -500,6 +504,7 @@ class Worker:
                 env=env,
                 start_new_session=True,
                 text=True,
+                umask=PRIVATE_UMASK,  # the run (checkpoints, report, adapter) is the tenant's
             )
         self.jobs.add_event(
             job.id,
@@ -589,8 +594,7 @@ class Worker:
                 if heart.lost.is_set():
                     self._not_ours(job)
                     return
-                staged = run_dir / f".publish-{step}"
-                staged.mkdir()
+                staged = private_dir(run_dir / f".publish-{step}")
                 for name in ("adapter_config.json", "adapter_model.safetensors"):
                     shutil.copy2(directory / name, staged / name)
                 shutil.copy2(run_dir / "adapter" / "adapterdeck.json", staged / "adapterdeck.json")
@@ -695,7 +699,7 @@ class LocalWorkers:
         ]
 
     def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_dir)
         for index in range(len(self.processes)):
             thread = threading.Thread(
                 target=self._supervise, args=(index,), name=f"worker-{index}", daemon=True
@@ -707,9 +711,16 @@ class LocalWorkers:
         backoff = 1.0
         while not self._stopping.is_set():
             env = {**os.environ, **self.env, PARENT_ENV: str(os.getpid())}
-            with (self.log_dir / f"worker-{index}.log").open("ab") as log:
+            log_path = self.log_dir / f"worker-{index}.log"
+            create_private(log_path)
+            with log_path.open("ab") as log:
                 proc = subprocess.Popen(
-                    self.command(), stdout=log, stderr=log, env=env, start_new_session=True
+                    self.command(),
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                    umask=PRIVATE_UMASK,
                 )
             self.processes[index] = proc
             started = time.monotonic()
