@@ -54,8 +54,16 @@ def version() -> None:
 
 
 @plugins_app.command("list")
-def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Every format, method and evaluator, where it comes from, and any plugin that failed to load."""
+def plugins_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit with status 1 when any plugin failed to load (for CI).")
+    ] = False,
+) -> None:
+    """Every format, method and evaluator, where it comes from, and any plugin that failed to load.
+
+    A plugin that failed to load does not stop the others, so the listing exits 0 unless --strict.
+    """
     from adapterdeck.core.plugins import catalog
 
     cat = catalog()
@@ -87,15 +95,25 @@ def plugins_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSO
     ]
     if as_json:
         _print_json({"plugins": rows, "errors": errors})
-        return
-    table = Table("kind", "name", "source", "description", box=None, header_style="bold")
-    for row in rows:
-        table.add_row(row["kind"], row["name"], row["source"], row["description"])
-    out.print(table)
-    for e in errors:
+    else:
+        table = Table("kind", "name", "source", "description", box=None, header_style="bold")
+        for row in rows:
+            table.add_row(row["kind"], row["name"], row["source"], row["description"])
+        out.print(table)
+        for e in errors:
+            err.print(
+                f"[red]plugin {escape(e['plugin'])} ({escape(e['source'])}):[/red] {escape(e['error'])}",
+                highlight=False,
+            )
+    if errors:
+        # Said on stderr in both forms, so that a script reading --json still sees why it failed.
         err.print(
-            f"[red]plugin {e['plugin']} ({e['source']}):[/red] {e['error']}", markup=True, highlight=False
+            f"{len(errors)} plugin problem(s)"
+            + ("; --strict: exit status 1" if strict else "; exit status 0 (--strict makes it 1)"),
+            highlight=False,
         )
+        if strict:
+            raise typer.Exit(1)
 
 
 @base_app.command("build")

@@ -199,10 +199,7 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
         raise AdapterdeckError(_format_errors(source, exc, RunConfig)) from None
     plugins = catalog()
     if config.method.name not in plugins.methods:
-        known = ", ".join(sorted(plugins.methods)) or "none"
-        raise AdapterdeckError(
-            f"{source}: method.name: unknown method {config.method.name!r}; known: {known}"
-        )
+        raise AdapterdeckError(f"{source}: method.name: {plugins.unknown('method', config.method.name)}")
     method = plugins.method(config.method.name)
     try:
         config.method_params(plugins)
@@ -210,15 +207,10 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
         raise AdapterdeckError(_format_errors(source, exc, method.params, ("method",))) from None
     for i, name in enumerate(config.eval.evaluators):
         if name not in plugins.evaluators:
-            known = ", ".join(sorted(plugins.evaluators)) or "none"
-            raise AdapterdeckError(
-                f"{source}: eval.evaluators.{i}: unknown evaluator {name!r}; known: {known}"
-            )
+            raise AdapterdeckError(f"{source}: eval.evaluators.{i}: {plugins.unknown('evaluator', name)}")
     fmt = config.data.format
     if fmt is not None and fmt not in plugins.formats:
-        raise AdapterdeckError(
-            f"{source}: data.format: unknown format {fmt!r}; known: {', '.join(plugins.formats)}"
-        )
+        raise AdapterdeckError(f"{source}: data.format: {plugins.unknown('format', fmt)}")
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     return config

@@ -10,6 +10,7 @@ others still load.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
@@ -44,9 +45,13 @@ class Origin:
     distribution: str | None = None
     version: str | None = None
     builtin: bool = False
+    #: Where a problem comes from when it is no plugin's (the name of a setting), else None.
+    setting: str | None = None
 
     @property
     def label(self) -> str:
+        if self.setting:
+            return self.setting
         if self.builtin:
             return "built-in"
         if self.distribution:
@@ -79,13 +84,32 @@ class Catalog:
     problems: list[PluginProblem] = field(default_factory=list)
 
     def format(self, name: str) -> DataFormat:
-        return _lookup(self.formats, "format", name)
+        return self._lookup(self.formats, "format", name)
 
     def method(self, name: str) -> TuningMethod:
-        return _lookup(self.methods, "method", name)
+        return self._lookup(self.methods, "method", name)
 
     def evaluator(self, name: str) -> Evaluator:
-        return _lookup(self.evaluators, "evaluator", name)
+        return self._lookup(self.evaluators, "evaluator", name)
+
+    def unknown(self, kind: str, name: str, *, failures: bool = True) -> UnknownNameError:
+        """The error for an unknown ``kind`` (format, method, evaluator) named ``name``: the known
+        names, a close one, and (unless not ``failures``: the HTTP API does not show the server's
+        plugin errors to tenants) the plugins that failed to load, where it may come from."""
+        known = list(getattr(self, f"{kind}s"))
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+        failed = [
+            f"{p.plugin} ({p.origin.label}): {p.error}"
+            for p in self.problems
+            if failures
+            and p.error.startswith(("failed to import", "cannot register", f"register_{kind}s raised"))
+        ]
+        return UnknownNameError(kind, name, known, close=close[0] if close else None, failed=failed)
+
+    def _lookup(self, table: dict[str, Registered[T]], kind: str, name: str) -> T:
+        if name not in table:
+            raise self.unknown(kind, name)
+        return table[name].obj
 
     def entries(self) -> list[Registered[Any]]:
         """Every registered thing, formats first, each kind sorted by name."""
@@ -93,12 +117,6 @@ class Catalog:
         for table in (self.formats, self.methods, self.evaluators):
             out.extend(table[k] for k in sorted(table))
         return out
-
-
-def _lookup(table: dict[str, Registered[T]], kind: str, name: str) -> T:
-    if name not in table:
-        raise UnknownNameError(kind, name, list(table))
-    return table[name].obj
 
 
 class _Register:
@@ -244,8 +262,10 @@ def _normalize(name: str) -> str:
 
 def _load_entry_points(pm: pluggy.PluginManager, wanted_env: str | None) -> None:
     wanted = None
+    spelled: dict[str, str] = {}  # each wanted name as the variable spells it
     if wanted_env is not None:
-        wanted = {_normalize(n.strip()) for n in wanted_env.split(",") if n.strip()}
+        spelled = {_normalize(n.strip()): n.strip() for n in wanted_env.split(",") if n.strip()}
+        wanted = set(spelled)
     seen: set[str] = set()
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
@@ -272,7 +292,11 @@ def _load_entry_points(pm: pluggy.PluginManager, wanted_env: str | None) -> None
             continue
         _register(pm, obj, origin)
     for name in sorted((wanted or set()) - seen):
-        _record(Origin(name), f"{LOAD_ENV} names {name!r}, but no installed plugin has that name")
+        _record(
+            Origin(spelled[name], setting=LOAD_ENV),
+            f"{LOAD_ENV} names {spelled[name]!r}, but no installed plugin has that name "
+            "(as an entry point or a distribution)",
+        )
 
 
 def _describe(exc: BaseException) -> str:

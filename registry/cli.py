@@ -112,9 +112,37 @@ def validate(
     ctx: typer.Context,
     path: Annotated[Path, typer.Argument(help="A run directory or an adapter directory.")],
     base: BaseOption = None,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Run every publish check without publishing."""
-    candidate = _registry(ctx).validate(path, base)
+    """Run every publish check without publishing: exit status 0 when it would be published, else
+    every reason it would be refused (with --json: as a list, exit status 1)."""
+    from adapterdeck.core.errors import AdapterdeckError
+    from adapterdeck.registry.validate import PublishRefused
+
+    try:
+        candidate = _registry(ctx).validate(path, base)
+    except AdapterdeckError as exc:
+        if not as_json:
+            raise
+        reasons = exc.reasons if isinstance(exc, PublishRefused) else [str(exc)]
+        _dump({"path": str(path), "ok": False, "reasons": reasons})
+        raise typer.Exit(1) from None
+    if as_json:
+        _dump(
+            {
+                "path": str(path),
+                "ok": True,
+                "reasons": [],
+                "peft_type": candidate.peft_type,
+                "method": candidate.method,
+                "served_by": candidate.served_by,
+                "rank": candidate.rank,
+                "base": {"name": candidate.base.name, "fingerprint": candidate.base.fingerprint},
+                "size_bytes": candidate.size_bytes,
+                "files": [{"path": name, "size": size} for name, _, size in candidate.files],
+            }
+        )
+        return
     served = ", ".join(candidate.served_by)
     out.print(f"ok: {candidate.peft_type} adapter for {candidate.base.name}, served by {served}")
 

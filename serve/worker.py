@@ -118,8 +118,11 @@ def check_job_config(
     name = adapter_method.get("name")
     plugins = catalog()
     if name not in plugins.methods:
-        known = ", ".join(sorted(plugins.methods))
-        raise AdapterdeckError(f"adapterdeck.method: unknown method {name!r}; known: {known}")
+        raise AdapterdeckError(f"adapterdeck.method: {plugins.unknown('method', str(name), failures=False)}")
+    for i, evaluator in enumerate(evaluators):
+        if evaluator not in plugins.evaluators:
+            unknown = plugins.unknown("evaluator", evaluator, failures=False)
+            raise AdapterdeckError(f"adapterdeck.evaluators.{i}: {unknown}")
     resolved = resolve_hyperparameters(hyperparameters, 100, plugins.method(str(name)).default_learning_rate)
     config = run_config(
         base=base,

@@ -284,3 +284,27 @@ def test_a_key_made_for_a_tenant_named_admin_before_the_name_was_reserved_is_ref
         with write_transaction(stack.registry.engine) as conn:
             conn.execute(t.api_keys.delete().where(t.api_keys.c.key_sha256 == _digest(key)))
             conn.execute(t.tenants.delete().where(t.tenants.c.name == "admin"))
+
+
+def test_registry_validate_json_lists_every_reason_or_what_would_be_published(stack: Stack) -> None:
+    directory = _without_tensors(stack, "no-tensors-json", None)
+    (directory / "notes.txt").write_text("not part of an adapter\n")
+    refused = run_cli("registry", "validate", str(directory), "--json", env=stack.env)
+    assert refused.returncode == 1, refused.stderr
+    report = json.loads(refused.stdout)
+    assert report["ok"] is False and report["path"] == str(directory)
+    assert f"{WEIGHTS} holds no tensors: the adapter has no trained weights" in report["reasons"]
+    assert any("unexpected file 'notes.txt'" in r for r in report["reasons"]), report["reasons"]
+
+    sound = run_cli("registry", "validate", str(stack.lora), "--json", env=stack.env)
+    assert sound.returncode == 0, sound.stderr
+    report = json.loads(sound.stdout)
+    assert report["ok"] is True and report["reasons"] == []
+    assert report["peft_type"] == "LORA" and report["rank"] == 8
+    assert report["served_by"] == ["vllm", "peft"]
+    assert {f["path"] for f in report["files"]} == {CONFIG, WEIGHTS, "README.md"}
+
+    missing = run_cli("registry", "validate", str(stack.work / "nowhere"), "--json", env=stack.env)
+    assert missing.returncode == 1 and json.loads(missing.stdout)["reasons"] == [
+        f"{stack.work / 'nowhere'} is not a directory"
+    ]

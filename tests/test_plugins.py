@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from adapterdeck.core import hookimpl
-from adapterdeck.core.errors import UnknownNameError
+from adapterdeck.core.errors import AdapterdeckError, UnknownNameError
 from adapterdeck.core.evaluators import EvalSample, Evaluator
 from adapterdeck.core.formats import Conversation, DataFormat, Message
 from adapterdeck.core.methods import MethodParams, TuningMethod
@@ -353,3 +353,91 @@ def test_hook_publish_run(fresh_plugins: None, tmp_path: Path) -> None:
     # None passes the run on to the next implementation (here the registry's).
     impls = [i.plugin_name for i in plugin_manager().hook.publish_run.get_hookimpls()]
     assert "adapterdeck:registry" in impls
+
+
+def test_plugins_list_says_when_a_plugin_failed_and_strict_makes_it_an_error(broken_installed: Path) -> None:
+    env = {"PYTHONPATH": str(broken_installed)}
+    plain = run_cli("plugins", "list", env=env)
+    assert plain.returncode == 0, plain.stderr
+    assert "2 plugin problem(s); exit status 0 (--strict makes it 1)" in plain.stderr
+    strict = run_cli("plugins", "list", "--strict", env=env)
+    assert strict.returncode == 1, strict.stderr
+    assert "broken on purpose" in strict.stderr and "--strict: exit status 1" in strict.stderr
+    as_json = run_cli("plugins", "list", "--json", "--strict", env=env)
+    assert as_json.returncode == 1
+    assert {e["plugin"] for e in json.loads(as_json.stdout)["errors"]} == {
+        "adapterdeck-broken:broken",
+        "adapterdeck-broken:empty",
+    }
+    # Nothing wrong: --strict exits 0 and says nothing more.
+    clean = run_cli("plugins", "list", "--strict", env={"ADAPTERDECK_LOAD_PLUGINS": ""})
+    assert clean.returncode == 0 and "problem" not in clean.stderr, clean.stderr
+
+
+def test_a_name_in_load_plugins_that_matches_nothing_names_the_variable_as_its_source(
+    example_installed: Path,
+) -> None:
+    listing = plugins_json(example_installed, load="sharegpt, Not_Installed")
+    assert ("format", "sharegpt") in names(listing)
+    [error] = listing["errors"]
+    assert error["source"] == "ADAPTERDECK_LOAD_PLUGINS" and error["plugin"] == "Not_Installed"
+    assert error["distribution"] is None
+    assert error["error"].startswith(
+        "ADAPTERDECK_LOAD_PLUGINS names 'Not_Installed', but no installed plugin"
+    )
+    text = run_cli(
+        "plugins",
+        "list",
+        env={"PYTHONPATH": str(example_installed), "ADAPTERDECK_LOAD_PLUGINS": "not-installed"},
+    )
+    assert "plugin not-installed (ADAPTERDECK_LOAD_PLUGINS):" in text.stderr, text.stderr
+
+
+def test_an_unknown_method_names_the_plugins_that_failed_to_import(
+    broken_installed: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("base: some/base\ndata: {train: data.jsonl}\nmethod: {name: ia3}\n")
+    result = run_cli("train", str(config), env={"PYTHONPATH": str(broken_installed)})
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "method.name: unknown method 'ia3'; known methods: lora, prefix, qlora" in message
+    assert (
+        "1 plugin(s) failed to load, so what they register is missing: adapterdeck-broken:broken" in message
+    )
+    assert "ImportError: this plugin is broken on purpose" in message
+    # Without a broken plugin, the message has no such part.
+    alone = run_cli("train", str(config), env={"ADAPTERDECK_LOAD_PLUGINS": ""})
+    assert "failed to load" not in alone.stderr and "unknown method 'ia3'" in alone.stderr
+
+
+def test_unknown_names_get_a_did_you_mean(fresh_plugins: None) -> None:
+    from adapterdeck.core.config import parse_config
+    from adapterdeck.serve.worker import check_job_config
+
+    cat = catalog()
+    with pytest.raises(
+        UnknownNameError, match=r"unknown evaluator 'exact_mach' \(did you mean 'exact_match'\?\)"
+    ):
+        cat.evaluator("exact_mach")
+    with pytest.raises(UnknownNameError) as far:
+        cat.evaluator("bleu")
+    assert "did you mean" not in str(far.value) and "known evaluators: exact_match" in str(far.value)
+    config = {"base": "b", "data": {"train": "d.jsonl"}, "eval": {"evaluators": ["loss", "rouge-l"]}}
+    with pytest.raises(
+        AdapterdeckError, match=r"eval.evaluators.1: unknown evaluator 'rouge-l' \(did you mean 'rouge_l'\?\)"
+    ):
+        parse_config(config, "run.yaml")
+    config = {"base": "b", "data": {"train": "d.jsonl"}, "method": {"name": "lorra"}}
+    with pytest.raises(
+        AdapterdeckError, match=r"method.name: unknown method 'lorra' \(did you mean 'lora'\?\)"
+    ):
+        parse_config(config, "run.yaml")
+    with pytest.raises(
+        AdapterdeckError,
+        match=r"adapterdeck.evaluators.0: unknown evaluator 'json-valid' \(did you mean 'json_valid'\?\)",
+    ):
+        check_job_config(
+            base="b", adapter_method={"name": "lora"}, evaluators=["json-valid"], hyperparameters={}
+        )
