@@ -137,10 +137,16 @@ def test_everything_in_the_home_is_private(base_model: Path, tmp_path: Path, uma
                 time.sleep(0.5)
             assert status == "succeeded", (tmp_path / "worker.out").read_text()[-3000:]
     finally:
-        seen = watcher.stop()
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
-        gateway.stop()
+        try:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+        finally:
+            gateway.stop()
+            seen = watcher.stop()
 
     # What the processes wrote while they ran: SQLite's WAL files, the job's training data and run
     # (its directory is removed at the end).
