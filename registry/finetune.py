@@ -834,12 +834,24 @@ class FineTuning:
 _RESOLVED: dict[tuple[str, str], tuple[str, str]] = {}
 
 
+def _named_tenant(name: str) -> str | None:
+    """The tenant a fine-tuned model name names: ``ft:BASE:TENANT:SUFFIX:ID[:ckpt-step-N]``."""
+    parts = name.split(":")
+    if parts and parts[-1].startswith("ckpt-step-"):
+        parts = parts[:-1]
+    return parts[-3] if len(parts) >= 5 and parts[0] == "ft" else None
+
+
 def resolve_fine_tuned(registry: Registry, name: str, tenant: str | None) -> str:
     """The immutable ref (``tenant/ft-...@N``) behind a fine-tuned model or checkpoint name.
 
     ``tenant`` is the caller's tenant (None: an admin). Raises ``NotFound`` for an unknown name,
     a job that has not succeeded, and another tenant's model alike.
     """
+    if tenant is not None and _named_tenant(name) != tenant:
+        # Another tenant's name (it says whose it is) is refused before any lookup or cache, so
+        # it costs the same whether it exists or not: the answer's timing tells nothing.
+        raise NotFound(f"no fine-tuned model {name}")
     key = (str(registry.engine.url), name)
     found = _RESOLVED.get(key)
     if found is None:

@@ -48,7 +48,9 @@ def serve(
 
     from adapterdeck.registry.private import private_dir, private_umask
     from adapterdeck.serve.gateway import create_app
+    from adapterdeck.serve.httpguard import guarded_protocol
     from adapterdeck.serve.settings import load_serve_settings
+    from adapterdeck.serve.vllm_process import check_vllm_port
 
     private_umask()  # logs, uploads, vLLM's files: every tenant's data, readable by this user only
 
@@ -66,6 +68,8 @@ def serve(
             "finetune.workers": workers,
         },
     )
+    if not settings.vllm.url:
+        check_vllm_port(settings)  # one line now, not a vLLM that keeps failing to start
     location = settings.registry
     registry = _registry(location.home, location.database_url, location.storage_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -80,6 +84,7 @@ def serve(
             host=settings.host,
             port=settings.port,
             log_level="info",
+            http=guarded_protocol(settings.http),  # bounded headers and read timeouts
             access_log=False,  # a log line per request costs more than the gateway's own work
             # Longer than clients' idle timeouts (httpx: 5 s), so a client never sends a request on
             # a connection the server is closing at that moment (a ReadError on the client).

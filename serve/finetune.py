@@ -35,7 +35,8 @@ from adapterdeck.registry.finetune import (
 from adapterdeck.registry.registry import Conflict
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller
-from adapterdeck.serve.errors import ApiError, bad_request, forbidden, model_not_found
+from adapterdeck.serve.auth import tenant_only as _tenant_only
+from adapterdeck.serve.errors import ApiError, bad_request, model_not_found
 from adapterdeck.serve.settings import ServeSettings
 from adapterdeck.serve.worker import MIN_TRAINING_EXAMPLES, check_job_config
 
@@ -128,12 +129,6 @@ def _state(request: Request) -> tuple[ServeSettings, FineTuning]:
 
 def _scope(who: Principal) -> str | None:
     return None if who.is_admin else who.tenant
-
-
-def _tenant_only(who: Principal, what: str) -> str:
-    if who.tenant is None:
-        raise forbidden(f"{what} belong to a tenant: use the tenant's API key.")
-    return who.tenant
 
 
 def _not_found(kind: str, object_id: str, param: str) -> ApiError:

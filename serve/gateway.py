@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 import tempfile
 import time
 import uuid
@@ -30,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
@@ -39,7 +44,7 @@ from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.tenants import Principal, authenticate
 from adapterdeck.registry.validate import file_name_problem, shown
 from adapterdeck.serve import openai_schema
-from adapterdeck.serve.auth import AdminCaller, Caller
+from adapterdeck.serve.auth import AdminCaller, Caller, UploadGuard
 from adapterdeck.serve.errors import (
     ApiError,
     bad_request,
@@ -64,6 +69,7 @@ VARIANT_HEADER = "X-Adapterdeck-Variant"
 SHADOW_OUTPUT_LIMIT = 4000
 KEY_TTL = 10.0
 VERSION_TTL = 10.0
+VLLM_KEY_ENV = "ADAPTERDECK_VLLM_API_KEY"  # the key of a vLLM at --vllm-url, unless vllm.api_key sets it
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,20 @@ class Gateway:
         self._last_versions: dict[str, Any] = {}
         self.database_ok = True
         self.limiter = Limiter(settings.limits, settings.tenant_limits)
+        self._vllm_key = settings.vllm.api_key or os.environ.get(VLLM_KEY_ENV) or None
+        # Each tenant's prefix-cache salt: a keyed hash of its name, so no client can name another
+        # tenant's salt. Gateways sharing an engine (and its key) share the salts, hence the cache.
+        self._salt_key = (self._vllm_key or "").encode() or secrets.token_bytes(32)
+
+    def engine_headers(self) -> dict[str, str]:
+        """The headers of every call to vLLM: the engine's API key (the current one for a vLLM
+        this gateway started, a new one at every start)."""
+        key = self.supervisor.api_key if self.supervisor is not None else self._vllm_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def cache_salt(self, tenant: str) -> str:
+        """vLLM's ``cache_salt`` for ``tenant``: prefix-cache blocks are shared within a tenant only."""
+        return hmac.new(self._salt_key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
 
     # -- auth and routing ----------------------------------------------------------------------
 
@@ -267,19 +287,23 @@ class Gateway:
         if not self.vllm_ready():
             raise unavailable("The vLLM engine is starting or restarting; retry shortly.")
         assert self.client is not None
-        body = {**body, "model": target.engine_model}
+        # The tenant's own cache salt, whatever the client sent: no prompt prefix is shared with
+        # another tenant's, so the latency of a cache hit tells nothing about other tenants' prompts.
+        body = {**body, "model": target.engine_model, "cache_salt": self.cache_salt(target.tenant)}
         first_load = self._note_vllm_load(target)
+        headers = self.engine_headers()
         started = time.monotonic()
         if body.get("stream"):
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
             try:
-                upstream = await self.client.post(f"{self.vllm_url}{path}", json=body)
+                upstream = await self.client.post(f"{self.vllm_url}{path}", json=body, headers=headers)
             except aiohttp.ClientConnectionError:
                 raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
             if upstream.status != 200:
                 content = await upstream.read()
                 upstream.release()
+                self._check_engine_key(upstream.status)
                 return Response(content, status_code=upstream.status, media_type="application/json")
             if outcome is not None:
                 outcome.streaming = True
@@ -289,10 +313,11 @@ class Gateway:
                 headers=target.headers,
             )
         try:
-            async with self.client.post(f"{self.vllm_url}{path}", json=body) as upstream:
+            async with self.client.post(f"{self.vllm_url}{path}", json=body, headers=headers) as upstream:
                 content, status = await upstream.read(), upstream.status
         except aiohttp.ClientError:  # refused, or vLLM went away mid-answer
             raise unavailable("The vLLM engine is not reachable; retry shortly.") from None
+        self._check_engine_key(status)
         if status == 200:
             try:
                 payload = json.loads(content)
@@ -308,6 +333,17 @@ class Gateway:
         if first_load:
             self._vllm_loaded.discard(target.ref or "")
         return Response(content, status_code=status, media_type="application/json")
+
+    def _check_engine_key(self, status: int) -> None:
+        """vLLM answers 401 only when it refuses the gateway's key: the server is misconfigured."""
+        if status != 401:
+            return
+        where = "vllm.api_key (or ADAPTERDECK_VLLM_API_KEY)" if self.supervisor is None else "its key"
+        logger.error("the vLLM engine at %s refused the gateway's API key: set %s", self.vllm_url, where)
+        raise ApiError(
+            502, "The inference engine refused this gateway; the server log says why.", "server_error",
+            code="engine_unauthorized",
+        )  # fmt: skip
 
     async def _relay(
         self,
@@ -382,12 +418,16 @@ class Gateway:
             body = await request.json()
         except ValueError:
             raise bad_request("The request body is not valid JSON.") from None
+        except RecursionError:  # json's C parser gives up on deep nesting this way
+            raise bad_request("The request body is nested too deeply.") from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
         field = "messages" if path.endswith("chat/completions") else "prompt"
         if field not in body:
             raise bad_request(f"'{field}' is required.", field)
         self._check_bounds(body)
+        if field == "prompt":
+            self._check_choices(body)
         if principal.tenant is None:  # admin keys have no per-tenant limits
             return await self._complete(path, request, body, principal)
         with self.limiter.slot(principal.tenant) as release_later:
@@ -414,6 +454,21 @@ class Gateway:
             raise bad_request(f"'n' must be an integer from 1 to {max_n}.", "n")
         if not isinstance(body.get("stream", False), bool):
             raise bad_request("'stream' must be true or false.", "stream")
+
+    def _check_choices(self, body: dict[str, Any]) -> None:
+        """A completion asks for prompts x n choices: at most ``max_choices``."""
+        prompt, n = body.get("prompt"), body.get("n") or 1
+        if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+            prompts = len(prompt)  # a list of prompts (texts or token lists); else one prompt
+        else:
+            prompts = 1
+        limit = self.settings.max_choices
+        if prompts * n > limit:
+            raise bad_request(
+                f"{prompts} prompts x n={n} asks for {prompts * n} choices; this server allows at most "
+                f"{limit} a request (max_choices).",
+                "prompt",
+            )
 
     async def _complete(
         self, path: str, request: Request, body: dict[str, Any], principal: Principal
@@ -510,7 +565,20 @@ class Gateway:
         text = output[:SHADOW_OUTPUT_LIMIT] if isinstance(output, str) else None
         self._note_experiment(target, outcome, status, time.monotonic() - started, shadow=True, output=text)
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, request: Request) -> dict[str, Any]:
+        """The report: every detail for an admin key, only the status for anyone else."""
+        report = await self._health()
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        admin = False
+        if scheme.lower() == "bearer" and key.strip():
+            try:
+                admin = (await self._authenticate(key.strip())).is_admin
+            except ApiError:
+                admin = False
+        return report if admin else {"status": report["status"]}
+
+    async def _health(self) -> dict[str, Any]:
         vllm: dict[str, Any] = {"url": self.vllm_url}
         if self.supervisor is not None:
             vllm.update(
@@ -590,6 +658,7 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
     app = FastAPI(title="adapterdeck", version="1", lifespan=lifespan)
     app.state.gateway = gateway
     app.add_middleware(BodyLimit, default=settings.max_body_bytes, uploads=settings.max_upload_bytes)
+    app.add_middleware(UploadGuard, gateway=gateway)  # outermost: no body is read before the key
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -613,6 +682,13 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         message = f"the registry's storage cannot be written: {exc.strerror or type(exc).__name__}"
         return ApiError(status, message, "server_error", code="storage_error").response()
 
+    @app.exception_handler(ClientDisconnect)
+    async def _disconnected(request: Request, _: ClientDisconnect) -> Response:
+        # The client hung up before its body was in: nobody to answer, nothing went wrong here.
+        where = f"{request.method} {request.url.path}"
+        logger.info("client disconnected before its request body was in: %s", where)
+        return Response(status_code=400)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         # The details go to the log under an id, never to the client (they may hold secrets).
@@ -628,8 +704,8 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
         return bad_request(f"{where}: {first.get('msg', 'invalid request')}", where or None).response()
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        report = await gateway.health()
+    async def health(request: Request) -> JSONResponse:
+        report = await gateway.health(request)
         return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
     @app.get("/metrics")

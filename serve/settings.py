@@ -36,6 +36,11 @@ class VllmSettings(Strict):
         description="run vLLM at this lower CPU priority, so the gateway (light, latency-bound) on the "
         "same cores is scheduled at once",
     )
+    api_key: str | None = Field(
+        None,
+        description="the API key of the vLLM server at `url` (else ADAPTERDECK_VLLM_API_KEY); a vLLM "
+        "the gateway starts gets a new random key at every start",
+    )
     extra_args: list[str] = Field(default_factory=list)
     startup_timeout: float = 900
     restart_backoff: float = 2.0
@@ -46,6 +51,24 @@ class LimitSettings(Strict):
 
     requests_per_minute: int | None = Field(None, ge=1, description="requests per minute (moving window)")
     concurrent_requests: int | None = Field(None, ge=1, description="completions in flight at once")
+
+
+class HttpSettings(Strict):
+    """Bounds on one client's request, so no client can stall the gateway or hold its sockets."""
+
+    max_head_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest request line and headers, in bytes (431 above)"
+    )
+    max_headers: int = Field(100, ge=8, description="most request headers (431 above)")
+    head_timeout: float = Field(
+        10.0, gt=0, description="seconds a client has to send its request line and headers (408 after)"
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, description="a request body is measured over each this many seconds ..."
+    )
+    body_min_rate: int = Field(
+        1024, ge=1, description="... and must arrive at this many bytes a second or more (else disconnected)"
+    )
 
 
 class RegistryLocation(Strict):
@@ -84,6 +107,10 @@ class ServeSettings(Strict):
         None, ge=1, description="largest max_tokens a request may ask for (default: the model length)"
     )
     max_n: int = Field(8, ge=1, description="largest n (choices per request)")
+    max_choices: int = Field(
+        32, ge=1, description="largest number of choices one request asks for: prompts times n (400 above)"
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings)
     peft_max_batch: int = Field(8, ge=1, description="embedded PEFT engine: requests per batch")
     peft_batch_wait_ms: float = Field(10, ge=0, description="embedded PEFT engine: wait to fill a batch")
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)

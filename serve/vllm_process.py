@@ -4,23 +4,67 @@ vLLM runs as its own process group (``python -m vllm.entrypoints.openai.api_serv
 runtime LoRA loading on; adapterdeck's resolver plugin (registered under
 ``vllm.general_plugins``) loads ``tenant/name@N`` from the registry on first use. If the process
 dies it is started again after a short backoff; while it is down, requests fail fast with 503.
+
+Only the gateway may reach it: every start gets a new random API key (in vLLM's environment,
+``VLLM_API_KEY``, never on its command line, which any user of the machine can read), which the
+gateway sends on every call, and ``EngineGuard`` (``serve/vllm_guard.py``) requires it on every
+path but ``/health`` and refuses the runtime-loading routes outright.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import secrets
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.serve.settings import ServeSettings
 
 logger = logging.getLogger("adapterdeck.serve")
+GUARD = "adapterdeck.serve.vllm_guard.EngineGuard"
+LOG_TAIL_LINES = 20
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something already listens on (or holds) ``host:port``."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def check_vllm_port(settings: ServeSettings) -> None:
+    """Fail with one line when the port of the vLLM server to start is taken."""
+    port = settings.vllm.port
+    if port_taken(port):
+        raise AdapterdeckError(
+            f"vLLM's port {port} on 127.0.0.1 is taken by another process: free it, or give vLLM "
+            "another port (--vllm-port, or vllm.port in --config), or use a running vLLM (--vllm-url)"
+        )
+
+
+def log_tail(path: Path, start: int, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines written to ``path`` after byte ``start``."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 class VllmSupervisor:
@@ -37,6 +81,7 @@ class VllmSupervisor:
         self._stopping = False
         self._failures = 0
         self._task: asyncio.Task | None = None
+        self.api_key = secrets.token_urlsafe(32)  # a new one at every start
 
     def command(self) -> list[str]:
         v = self.settings.vllm
@@ -50,6 +95,7 @@ class VllmSupervisor:
             "--max-loras", str(v.max_loras),
             "--max-cpu-loras", str(v.max_cpu_loras),
             "--max-lora-rank", str(v.max_lora_rank),
+            "--middleware", GUARD,
         ]  # fmt: skip
         if v.max_model_len:
             cmd += ["--max-model-len", str(v.max_model_len)]
@@ -61,9 +107,11 @@ class VllmSupervisor:
         self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
+        self.api_key = secrets.token_urlsafe(32)
         env = {
             **os.environ,
             **self.env,
+            "VLLM_API_KEY": self.api_key,  # vLLM's own check of /v1/*; EngineGuard checks the rest
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get(
                 "VLLM_CPU_KVCACHE_SPACE", str(self.settings.vllm.kv_cache_gib)
@@ -93,16 +141,35 @@ class VllmSupervisor:
     async def _run(self) -> None:
         while not self._stopping:
             self.ready.clear()
+            if port_taken(self.settings.vllm.port):
+                logger.error(
+                    "vLLM cannot start: its port %d on 127.0.0.1 is taken by another process "
+                    "(vllm.port, --vllm-port); retrying in %.0f s",
+                    self.settings.vllm.port,
+                    60.0,
+                )
+                await asyncio.sleep(60.0)
+                continue
+            log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = await self._spawn()
             self.started_at = time.monotonic()
             logger.info("vLLM starting (pid %s), log: %s", self.process.pid, self.log_path)
-            if await self._wait_ready(self.process):
+            became_ready = await self._wait_ready(self.process)
+            if became_ready:
                 self.ready.set()
                 logger.info("vLLM ready at %s", self.url)
             self.last_exit = await self.process.wait()
             self.ready.clear()
             if self._stopping:
                 break
+            if not became_ready:
+                tail = log_tail(self.log_path, log_start)
+                logger.error(
+                    "vLLM exited with %s during start-up; the last lines of %s:\n%s",
+                    self.last_exit,
+                    self.log_path,
+                    tail or "(nothing)",
+                )
             self.restarts += 1
             # A process that served for a while restarts at once; one that keeps failing to
             # start backs off (doubling, up to a minute) instead of spinning.

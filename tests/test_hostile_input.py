@@ -876,7 +876,7 @@ def gateway(home: Home, base_model: Path, tmp_path_factory: pytest.TempPathFacto
         home.env,
         tmp_path_factory.mktemp("gateway"),
         served_name="tiny",
-        ready=lambda reply: reply.json()["gateway"] == "ok",
+        ready=lambda reply: "status" in reply.json(),  # answering (no vLLM here)
     )
     port = int(process.url.rsplit(":", 1)[1])
     try:

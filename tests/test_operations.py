@@ -323,15 +323,16 @@ def test_a_database_outage_keeps_resolved_adapters_serving(
     registry = Registry(RegistrySettings(home=tmp_path / "home", database_url=postgres.url))
     assert registry.publish(setup.adapters[0], "acme/ops").ref == "acme/ops@1"
     key = create_key(registry, "acme")
+    admin = create_key(registry, None)  # /health's details are the admin key's
     registry.close()
     env = {"ADAPTERDECK_HOME": str(tmp_path / "home"), "ADAPTERDECK_DATABASE_URL": postgres.url}
     gw = start_gateway(setup.base, setup.vllm_url, env, tmp_path)
     try:
         assert gw.chat(key, "acme/ops").json()["model"] == "acme/ops@1"
-        assert gw.call(None, "GET", "/health").json()["database"] == "ok"
+        assert gw.call(admin, "GET", "/health").json()["database"] == "ok"
         postgres.stop()
         started = time.monotonic()
-        health = gw.call(None, "GET", "/health")
+        health = gw.call(admin, "GET", "/health")
         assert health.status_code == 503 and health.json()["database"] == "unreachable"
         # What the gateway resolved before keeps serving; nothing new can be looked up.
         for _ in range(3):
@@ -342,7 +343,7 @@ def test_a_database_outage_keeps_resolved_adapters_serving(
         assert time.monotonic() - started < 30  # nothing hangs on the dead database
         postgres.start()
         deadline = time.monotonic() + 30
-        while gw.call(None, "GET", "/health").json()["database"] != "ok":
+        while gw.call(admin, "GET", "/health").json()["database"] != "ok":
             assert time.monotonic() < deadline, "the gateway did not notice the database came back"
             time.sleep(0.5)
         assert gw.chat(key, "acme/never-seen").status_code == 404  # lookups work again

@@ -96,7 +96,7 @@ def test_everything_in_the_home_is_private(base_model: Path, tmp_path: Path, uma
     # The gateway (an upload, a job) and a worker that trains the job.
     gateway = start_gateway(
         base_model, f"http://127.0.0.1:{free_port()}", env, tmp_path, served_name="tiny",
-        ready=lambda reply: reply.json()["gateway"] == "ok",
+        ready=lambda reply: "status" in reply.json(),  # answering (no vLLM here)
     )  # fmt: skip
     settings = tmp_path / "worker.yaml"
     settings.write_text(yaml.safe_dump({"finetune": {"poll_seconds": 0.5, "heartbeat_seconds": 0.5}}))

@@ -59,7 +59,9 @@ class Serving:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[who], max_retries=0, timeout=120)
 
     def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
+        """The whole report: the admin key's (without a key, /health says only the status)."""
+        admin = {"Authorization": f"Bearer {self.keys['admin']}"}
+        return httpx.get(f"{self.url}/health", headers=admin, timeout=10).json()
 
 
 def _train(base: Path, task: str, out: Path) -> Path:
