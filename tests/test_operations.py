@@ -216,7 +216,7 @@ MATRIX: list[tuple[str, str, dict | None, int, int]] = [
     ("GET", "/v1/experiments/acme/ops", None, 404, 404),  # none exists
     ("POST", "/v1/feedback", {"response_id": "chatcmpl-unknown", "thumbs": "up"}, 404, 404),
     ("GET", "/v1/files", None, 200, 200),
-    ("POST", "/v1/files", None, 400, 400),  # no file sent
+    ("POST", "/v1/files", None, 400, 403),  # acme: no file sent; admin: files are a tenant's
     ("GET", "/v1/files/file-unknown", None, 404, 404),
     ("DELETE", "/v1/files/file-unknown", None, 404, 404),
     ("GET", "/v1/files/file-unknown/content", None, 404, 404),
