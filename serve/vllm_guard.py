@@ -4,8 +4,9 @@ adapterdeck.serve.vllm_guard.EngineGuard``): only the gateway may reach the engi
 vLLM's own ``--api-key`` (``VLLM_API_KEY``) guards only paths under ``/v1``, ``/v2``,
 ``/inference`` and ``/cohere``. vLLM 0.32 serves more than that: ``/invocations`` (a chat or
 completion, SageMaker's name for it), ``POST /adapters`` and ``DELETE /adapters/{name}`` (SageMaker's
-runtime LoRA loading: any name, any directory), ``/tokenize``, ``/pause``, ``/sleep``,
-``/reset_prefix_cache`` and others, all open without the key. This middleware, outermost in vLLM's
+runtime LoRA loading: any name, any directory), ``/tokenize``, ``/pause``,
+``/reset_prefix_cache``, ``/metrics`` (and ``/sleep``, ``/collective_rpc`` in dev mode), all open
+without the key. This middleware, outermost in vLLM's
 app, requires the key (``VLLM_API_KEY``) on every path but ``GET /health`` (the supervisor's
 readiness check), and refuses every runtime-loading route, with or without the key: an adapter is
 loaded only by adapterdeck's resolver, which serves immutable registry refs (``tenant/name@N``)
