@@ -32,11 +32,14 @@ from adapterdeck.serve.settings import ServeSettings
 logger = logging.getLogger("adapterdeck.serve")
 GUARD = "adapterdeck.serve.vllm_guard.EngineGuard"
 LOG_TAIL_LINES = 20
+PORT_RETRY_SECONDS = 10.0
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
-    """True when something already listens on (or holds) ``host:port``."""
+    """True when something already listens on (or holds) ``host:port``. Bound as vLLM's server
+    binds (``SO_REUSEADDR``), so the closing connections of a vLLM that just died do not count."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -146,9 +149,9 @@ class VllmSupervisor:
                     "vLLM cannot start: its port %d on 127.0.0.1 is taken by another process "
                     "(vllm.port, --vllm-port); retrying in %.0f s",
                     self.settings.vllm.port,
-                    60.0,
+                    PORT_RETRY_SECONDS,
                 )
-                await asyncio.sleep(60.0)
+                await asyncio.sleep(PORT_RETRY_SECONDS)
                 continue
             log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = await self._spawn()
