@@ -1,14 +1,11 @@
 """The losses logged at each training step, as a ``Reporter`` learns them.
 
-``Reporter.train_step(step, loss, val_loss)`` is called when the Trainer ends step ``step``, and
-transformers calls ``on_step_end`` before it logs the training loss and evaluates at that step:
-``loss`` and ``val_loss`` are the values logged last, at an earlier step. A value first passed at
-step S was therefore logged at step S - 1, and what is logged at the last step comes with no
-further call: it is read from the run's report when training ends (``StepLosses.finish``).
-
-Both reporters (the CLI's progress bar and a fine-tuning job's events) go through ``StepLosses``,
-so they name the same step for each value as the report's ``train_loss`` and ``val_loss`` (and a
-job's ``step_metrics.csv``) do.
+``Reporter.train_step(step, loss, val_loss)`` is called once per step, after the Trainer has
+logged and validated at that step, with the values logged at it (None where nothing was).
+``StepLosses`` keeps them by step, so both reporters (the CLI's progress bar and a fine-tuning
+job's events) can tell the latest value at any step and when an epoch's values are all known;
+they name the same step for each value as the report's ``train_loss`` and ``val_loss`` (and a
+job's ``step_metrics.csv``) do. ``finish`` adds anything the report has that no call brought.
 """
 
 from __future__ import annotations
@@ -36,23 +33,15 @@ class StepLosses:
         self.valid: dict[int, float] = {}
         #: Every value logged at a step up to this one is known.
         self.known_through = 0
-        self._passed: tuple[object, object] = (None, None)
 
     def reached(self, step: int, loss: float | None, val_loss: float | None) -> list[StepLoss]:
-        """Take a ``train_step`` call; returns the step whose values it revealed (none or one)."""
-        logged = step - 1
-        last_loss, last_val = self._passed
-        self._passed = (loss, val_loss)
-        # The trainer's callback passes the same float object until the Trainer logs again, so a new
-        # value is told apart even from an equal one (training losses are rounded, and repeat).
-        new_loss = loss is not None and loss is not last_loss
-        new_val = val_loss is not None and val_loss is not last_val
-        if new_loss:
-            self.train[logged] = float(loss)  # type: ignore[arg-type]
-        if new_val:
-            self.valid[logged] = float(val_loss)  # type: ignore[arg-type]
-        self.known_through = max(self.known_through, logged)
-        return [self.at(logged)] if new_loss or new_val else []
+        """Take a ``train_step`` call; returns the step if it logged anything (none or one)."""
+        if loss is not None:
+            self.train[step] = float(loss)
+        if val_loss is not None:
+            self.valid[step] = float(val_loss)
+        self.known_through = max(self.known_through, step)
+        return [self.at(step)] if loss is not None or val_loss is not None else []
 
     def finish(self, training: Mapping[str, Any]) -> list[StepLoss]:
         """Take the report's ``training`` section at the end; returns the steps not revealed before

@@ -51,7 +51,9 @@ class Reporter:
     def note(self, text: str) -> None: ...
     def progress(self, what: str, done: int, total: int) -> None: ...
     def train_start(self, total_steps: int) -> None: ...
-    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None: ...
+    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+        """Step ``step`` is done: ``loss`` and ``val_loss`` are what was logged at it (None: nothing)."""
+
     def train_end(self) -> None: ...
 
 
@@ -176,28 +178,42 @@ def _callbacks(reporter: Reporter, stop: dict[str, bool]) -> Any:
     from transformers import TrainerCallback
 
     class ReportProgress(TrainerCallback):
-        last_loss: float | None = None
-        last_val: float | None = None
+        """Reports each step once its losses are logged: the Trainer ends a step (``on_step_end``),
+        then logs its training loss and validates (``on_log``, ``on_evaluate``), then begins the
+        next one. So a step is reported when the next begins, or when training ends."""
+
+        step: int | None = None
+        loss: float | None = None
+        val: float | None = None
+
+        def _report(self) -> None:
+            if self.step is not None:
+                reporter.train_step(self.step, self.loss, self.val)
+            self.step, self.loss, self.val = None, None, None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             reporter.train_start(state.max_steps)
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._report()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.step = state.global_step
+            if stop["requested"]:
+                control.should_training_stop = True
+
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                self.last_loss = float(logs["loss"])
+            if logs and "loss" in logs and state.global_step == self.step:
+                self.loss = float(logs["loss"])
 
         def on_evaluate(
             self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any
         ) -> None:
-            if metrics and "eval_loss" in metrics:
-                self.last_val = float(metrics["eval_loss"])
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            reporter.train_step(state.global_step, self.last_loss, self.last_val)
-            if stop["requested"]:
-                control.should_training_stop = True
+            if metrics and "eval_loss" in metrics and state.global_step == self.step:
+                self.val = float(metrics["eval_loss"])
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._report()
             reporter.train_end()
 
     return ReportProgress()

@@ -153,19 +153,17 @@ def test_train_progress_lines_name_the_step_each_loss_was_measured_at(
 
 
 def test_step_losses_credit_each_value_to_the_step_it_was_logged_at() -> None:
-    # The calls the trainer's callback makes: at the end of each step, the values logged last.
+    # The calls the trainer's callback makes: once a step is done, the values logged at it.
     losses = StepLosses()
-    # Two equal training losses logged at different steps are two values (as the Trainer makes them).
-    loss_2, loss_4, val_3 = float("1.5"), float("1.5"), float("2.0")
-    calls = [(1, None, None), (2, None, None), (3, loss_2, None), (4, loss_2, val_3), (5, loss_4, val_3)]
+    calls = [(1, None, None), (2, 1.5, None), (3, None, 2.0), (4, 1.5, None), (5, None, None)]
     revealed = [found for call in calls for found in losses.reached(*call)]
     assert [(f.step, f.train_loss, f.valid_loss) for f in revealed] == [
         (2, 1.5, None),
         (3, None, 2.0),
         (4, 1.5, None),
     ]
-    assert losses.known_through == 4
-    # Step 6 (the last) logged both; no call follows it: the report has them.
+    assert losses.known_through == 5
+    # What the report has and no call brought (here step 6) is added at the end.
     report = {
         "steps": 6,
         "train_loss": [{"step": 2, "loss": 1.5}, {"step": 4, "loss": 1.5}, {"step": 6, "loss": 1.25}],
