@@ -149,7 +149,10 @@ def tuned(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         {
             "base": str(real_base),
             "data": {"train": str(data)},
-            "train": {"max_steps": 24, "eval_steps": 12},
+            # float32 on every CPU: bf16 autocast (what `auto` picks where the CPU computes bf16)
+            # learns the format more slowly in the first steps (15% exact match after 24 steps,
+            # measured, where float32 beats prompting) and catches up by the demo's 60.
+            "train": {"max_steps": 24, "eval_steps": 12, "dtype": "float32"},
             "eval": {"evaluators": ["loss", "exact_match", "json_valid", "general"], "base_shots": 2},
             "output": str(root / "run"),
         }
@@ -274,6 +277,7 @@ def test_vllm_answers_like_peft_on_the_real_base(real_base: Path, tuned: Path, s
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # a whole job on the real base, then 40 calls: the default 900 s is tight
 def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: RealStack) -> None:
     """The openai client alone, every hyperparameter "auto" (the LoRA method's defaults)."""
     client = served.client("globex")
