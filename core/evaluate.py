@@ -249,9 +249,10 @@ def compare(
         fit: bool = True,
     ) -> ModelOutputs:
         cache = base_cache if label != TUNED else None
+        # The answer budget, worked out once: it is part of the cache key and what run_model uses.
+        tokens = generation_budget(tokenizer, prompts, evs, budget, fit)
         key = ""
         if cache is not None:
-            tokens = generation_budget(tokenizer, prompts, evs, budget, fit)
             losses = any(e.needs_loss for e in evs)
             key = cache.key(prompts, new_tokens=tokens, losses=losses, batch_size=batch_size)
             stored = cache.get(key, len(prompts))
@@ -261,7 +262,9 @@ def compare(
                     progress(f"{shown}: read back from the cache", len(prompts), len(prompts))
                 return stored
         with context():
-            outputs = run_model(model, tokenizer, prompts, evs, budget, batch_size, step(shown), fit)
+            outputs = run_model(
+                model, tokenizer, prompts, evs, tokens, batch_size, step(shown), fit_to_references=False
+            )
         if cache is not None:
             cache.put(key, outputs)
         return outputs
