@@ -1,10 +1,28 @@
-"""Errors a user can act on. The CLI prints their message, never a traceback."""
+"""The errors adapterdeck raises on purpose, by whose problem they are.
+
+Every one is an ``AdapterdeckError``: the CLI prints its message (never a traceback) and exits 2;
+the gateway answers its ``http_status``. The class says whose problem it is:
+
+- ``AdapterdeckError`` itself: a mistake in input or configuration (400); the message says what
+  to fix and where;
+- ``adapterdeck.registry.errors.NotFound`` (404) and ``Conflict`` (409, everywhere);
+- ``Fault``: not the caller's mistake: damaged or unusable storage, an engine that misbehaves.
+  The gateway answers 500 with an incident id and writes the message to its log only.
+"""
 
 from __future__ import annotations
 
 
 class AdapterdeckError(Exception):
     """A mistake in input or configuration; the message says what and where."""
+
+    http_status = 400
+
+
+class Fault(AdapterdeckError):
+    """Something broke on the server's side (storage, an engine), not in the caller's request."""
+
+    http_status = 500
 
 
 class UnknownNameError(AdapterdeckError, KeyError):

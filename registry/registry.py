@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Row, and_, bindparam, func, select, text, upd
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import make_engine, migrate, write_transaction
+from adapterdeck.registry.errors import Conflict, NotFound, StorageFault
 from adapterdeck.registry.private import private_dir
 from adapterdeck.registry.refs import DEFAULT_ALIAS, Ref, check_alias, parse_adapter, parse_ref
 from adapterdeck.registry.settings import RegistrySettings
@@ -32,14 +33,6 @@ from adapterdeck.registry.validate import (
     file_name_problem,
     validate,
 )
-
-
-class NotFound(AdapterdeckError):
-    """No such tenant, adapter, version or alias."""
-
-
-class Conflict(AdapterdeckError):
-    """The operation would break something that depends on the target."""
 
 
 @dataclass
@@ -539,7 +532,7 @@ class Registry:
             info = self.show(info.ref)
         files = _plain_files(info)
         if not SHA256_RE.fullmatch(info.manifest_sha256):
-            raise AdapterdeckError(f"{info.ref}: its manifest digest is damaged; refusing to materialize it")
+            raise StorageFault(f"{info.ref}: its manifest digest is damaged; refusing to materialize it")
         target = cache / info.manifest_sha256
         if (target / "adapter_config.json").exists():
             return target

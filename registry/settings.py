@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from pydantic import Field
@@ -20,6 +21,9 @@ class RegistrySettings(BaseSettings):
     storage_url: str | None = None
     #: JSON of fsspec storage options, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}``.
     storage_options: dict = Field(default_factory=dict)
+    #: Where adapters are copied out of the blob store to be loaded (vLLM's resolver, the PEFT
+    #: engine); default: ``home/cache/adapters``.
+    cache_dir: Path | None = None
     #: Largest rank of a LoRA adapter served by vLLM (its ``--max-lora-rank`` must be at least this).
     max_lora_rank: int = 64
     #: Largest adapter accepted, in bytes.
@@ -30,3 +34,18 @@ class RegistrySettings(BaseSettings):
 
     def resolved_storage_url(self) -> str:
         return self.storage_url or str(self.home.expanduser())
+
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.home / "cache" / "adapters").expanduser()
+
+    def child_env(self) -> dict[str, str]:
+        """The environment that gives a child process (vLLM, a fine-tuning worker) this registry."""
+        env = {
+            "ADAPTERDECK_HOME": str(self.home),
+            "ADAPTERDECK_DATABASE_URL": self.resolved_database_url(),
+            "ADAPTERDECK_STORAGE_URL": self.resolved_storage_url(),
+            "ADAPTERDECK_CACHE_DIR": str(self.resolved_cache_dir()),
+        }
+        if self.storage_options:
+            env["ADAPTERDECK_STORAGE_OPTIONS"] = json.dumps(self.storage_options)
+        return env

@@ -20,7 +20,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.errors import StorageFault
 from adapterdeck.registry.private import make_private, private_dir
 
 CHUNK = 1 << 20
@@ -41,14 +41,14 @@ class BlobStore:
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError) as exc:
-            raise AdapterdeckError(f"cannot use storage {url!r}: {exc}") from exc
+            raise StorageFault(f"cannot use storage {url!r}: {exc}") from exc
         self.root = root.rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def path(self, sha: str) -> str:
         # A digest read back from the database or a manifest becomes part of a path: only 64 hex digits.
         if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
-            raise AdapterdeckError(f"{sha!r:.80} is not a sha256 digest; the registry's records are damaged")
+            raise StorageFault(f"{sha!r:.80} is not a sha256 digest; the registry's records are damaged")
         return f"{self.root}/blobs/{sha[:2]}/{sha}"
 
     def has(self, sha: str) -> bool:
@@ -83,7 +83,7 @@ class BlobStore:
     def get_bytes(self, sha: str) -> bytes:
         data = self.fs.cat_file(self.path(sha))
         if hashlib.sha256(data).hexdigest() != sha:
-            raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
+            raise StorageFault(f"blob {sha} is corrupt in {self.url}")
         return data
 
     def get_file(self, sha: str, dest: str | Path, *, private: bool = False) -> None:
@@ -94,10 +94,10 @@ class BlobStore:
         try:
             self.fs.get_file(self.path(sha), str(tmp))
         except FileNotFoundError:
-            raise AdapterdeckError(f"blob {sha} is missing from {self.url}") from None
+            raise StorageFault(f"blob {sha} is missing from {self.url}") from None
         if sha256_file(tmp) != sha:
             tmp.unlink(missing_ok=True)
-            raise AdapterdeckError(f"blob {sha} is corrupt in {self.url}")
+            raise StorageFault(f"blob {sha} is corrupt in {self.url}")
         if private:
             make_private(tmp)
         os.replace(tmp, dest)

@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.errors import AdapterdeckError, Fault
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
 from adapterdeck.registry import Conflict, NotFound, Registry
 from adapterdeck.registry.experiments import Experiment, Variant
@@ -617,7 +617,7 @@ class AliasBody(BaseModel):
 
 
 def _status_of(exc: AdapterdeckError) -> int:
-    return 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
+    return exc.http_status
 
 
 def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None = None) -> FastAPI:
@@ -672,6 +672,11 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
 
     @app.exception_handler(AdapterdeckError)
     async def _user_error(_: Request, exc: AdapterdeckError) -> JSONResponse:
+        if isinstance(exc, Fault):  # the server's problem: its details go to the log only
+            incident = uuid.uuid4().hex[:12]
+            logger.error("server fault (incident %s): %s", incident, exc)
+            message = f"internal error (incident {incident}); the server log has the details"
+            return ApiError(exc.http_status, message, "server_error").response()
         return ApiError(_status_of(exc), str(exc), "invalid_request_error").response()
 
     @app.exception_handler(OSError)
