@@ -38,7 +38,7 @@ from starlette.requests import ClientDisconnect
 
 from adapterdeck.core.errors import AdapterdeckError, Fault
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
-from adapterdeck.registry import Conflict, NotFound, Registry
+from adapterdeck.registry import NotFound, Registry
 from adapterdeck.registry.experiments import Experiment, Variant
 from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.tenants import Principal, authenticate
