@@ -128,7 +128,7 @@ def bulk_fill(registry: Any, layout: Layout, template_ref: str) -> dict[str, Any
     now = datetime.now(UTC)
     adapters = layout.adapters()
     with write_transaction(registry.engine) as conn:
-        template_id = registry._version_id(conn, template)
+        template_id = registry.version_id(conn, template)
         row = conn.execute(select(t.versions).where(t.versions.c.id == template_id)).one()._asdict()
         for key in ("id", "adapter_id", "version", "created_at"):
             row.pop(key)
@@ -330,7 +330,7 @@ PROFILE_PARTS = (
     ("BEGIN listener (registry/db.py)", "registry/db.py", "_on_begin"),
     ("Connection.close (ROLLBACK, pool return)", "engine/base.py", "close"),
     ("Result.first (fetch + row processing)", "engine/result.py", "first"),
-    ("_info (row -> VersionInfo)", "registry/registry.py", "_info"),
+    ("version_info (row -> VersionInfo)", "registry/versions.py", "version_info"),
     ("parse_ref", "registry/refs.py", "parse_ref"),
 )
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from adapterdeck.core.errors import AdapterdeckError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from adapterdeck.core.formats import Conversation
 
@@ -35,6 +35,7 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+HEAD_DIM = 64  # what the CPU build of vLLM's attention requires
 
 
 def corpus_text() -> str:
@@ -55,20 +56,34 @@ def build_base_model(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the demo base model to ``out`` (weights, config, tokenizer, chat template)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     say = progress or (lambda _msg: None)
     hf_logging.disable_progress_bar()
-    head_dim = 64
-    if hidden_size % head_dim:
+    if hidden_size % HEAD_DIM:
         raise AdapterdeckError(f"hidden size {hidden_size} must be a multiple of 64 (vLLM's CPU attention)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     say("training the byte-level BPE tokenizer")
+    tokenizer = _train_tokenizer(vocab_size, max_positions)
+    tokenizer.save_pretrained(out)
+
+    say("initialising the model weights")
+    model = _init_model(tokenizer, seed, hidden_size, layers, intermediate_size, max_positions, init_std)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "adapterdeck-base.json").write_text(
+        json.dumps({"builder": "adapterdeck base build", "seed": seed}, indent=2) + "\n"
+    )
+    say(f"wrote {out}")
+    return out
+
+
+def _train_tokenizer(vocab_size: int, max_positions: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on the shipped corpus, with the ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -90,17 +105,30 @@ def build_base_model(
         model_max_length=max_positions,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
+    return tokenizer
 
-    say("initialising the model weights")
+
+def _init_model(
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    hidden_size: int,
+    layers: int,
+    intermediate_size: int,
+    max_positions: int,
+    init_std: float,
+) -> PreTrainedModel:
+    """A random-init Llama causal LM sized for ``tokenizer``: same seed, same weights."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=layers,
-        num_attention_heads=hidden_size // head_dim,
-        num_key_value_heads=hidden_size // head_dim,
-        head_dim=head_dim,
+        num_attention_heads=hidden_size // HEAD_DIM,
+        num_key_value_heads=hidden_size // HEAD_DIM,
+        head_dim=HEAD_DIM,
         max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -118,12 +146,7 @@ def build_base_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out, safe_serialization=True)
-    (out / "adapterdeck-base.json").write_text(
-        json.dumps({"builder": "adapterdeck base build", "seed": seed}, indent=2) + "\n"
-    )
-    say(f"wrote {out}")
-    return out
+    return model
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from rich.table import Table
 from adapterdeck.core import __version__
 from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.core.progress import StepLoss, StepLosses
+from adapterdeck.core.report import RichReporter, print_metrics, print_summary
 
 app = typer.Typer(
     name="adapterdeck",
@@ -255,75 +255,6 @@ def data_split(
     out.print(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
 
 
-class RichReporter:
-    """Shows a training run's stages, a progress bar with steps, loss and ETA, and notes."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self._bar: Any = None
-        self._task: Any = None
-        self._eval: dict[str, Any] = {}
-        self._losses = StepLosses()
-
-    def stage(self, name: str) -> None:
-        self.console.rule(name)
-
-    def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
-
-    def progress(self, what: str, done: int, total: int) -> None:
-        self.console.print(f"  {what}: {done}/{total}", highlight=False) if done == total else None
-
-    def train_start(self, total_steps: int) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._bar = Progress(
-            TextColumn("step"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self._task = self._bar.add_task("train", total=total_steps, loss="-", val="-")
-        self._bar.start()
-
-    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
-        revealed = self._losses.reached(step, loss, val_loss)
-        train, valid = self._losses.latest(step)
-        self._bar.update(self._task, completed=step, loss=_loss(train), val=_loss(valid))
-        self._print_evaluations(revealed)
-
-    def train_end(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def finish(self, training: dict[str, Any]) -> None:
-        """The run's report is written: print what was evaluated at the last step."""
-        self._print_evaluations(self._losses.finish(training))
-
-    def _print_evaluations(self, logged: list[StepLoss]) -> None:
-        console = self._bar.console if self._bar is not None else self.console
-        for point in logged:
-            if point.valid_loss is not None:
-                train, _ = self._losses.latest(point.step)
-                losses = f"train loss {_loss(train)}, validation loss {_loss(point.valid_loss)}"
-                console.print(f"  step {point.step}: {losses}", highlight=False)
-
-
-def _loss(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     import yaml
 
@@ -353,7 +284,7 @@ def train(
     reporter = RichReporter(out)
     result = run_training(config, reporter, overwrite=overwrite)
     reporter.finish(result.report["training"])
-    _print_summary(result.report, result.run_dir)
+    print_summary(result.report, result.run_dir, out)
     if result.report["status"] == "interrupted":
         raise typer.Exit(130)
     if config.publish:
@@ -362,24 +293,6 @@ def train(
         adapter, _, alias = config.publish.partition(":")
         ref = publish_run(result.run_dir, adapter, alias or None)
         out.print(f"published [bold]{ref}[/bold]" + (f" ({config.publish})" if alias else ""))
-
-
-def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
-    training = report["training"]
-    out.rule("result")
-    out.print(
-        f"stopped: {training['stop_reason']} after {training['steps']} steps; "
-        f"best step {training['best_step']} "
-        f"(validation loss {training['best_val_loss']})",
-        highlight=False,
-    )
-    test = report.get("test")
-    if test:
-        _metrics_table(test["metrics"], test.get("base_shots", 0), test.get("verdict"))
-    out.print(
-        f"adapter: {run_dir / 'adapter'}\nreport: {run_dir / 'report.json'}\n"
-        f"loss curve: {run_dir / 'loss.png'}"
-    )
 
 
 @app.command("eval")
@@ -456,7 +369,7 @@ def eval_(
     if as_json:
         _print_json(payload)
         return
-    _metrics_table(result.metrics, len(chosen_shots), verdict)
+    print_metrics(result.metrics, out, len(chosen_shots), verdict)
     for row in result.samples:
         out.print(f"[bold]line {row['line']}[/bold] reference: {row['reference']}", highlight=False)
         out.print(f"  base:  {row.get('base')}\n  tuned: {row.get('tuned')}", markup=False, highlight=False)
@@ -480,36 +393,6 @@ def _shot_pool(adapter_dir: Path, shots_from: Path | None) -> tuple[list[Any], s
             return [], None
     pool = [c for f in files for c in load_examples(f).examples]
     return pool, ", ".join(str(f) for f in files)
-
-
-def _metrics_table(metrics: dict[str, Any], shots: int = 0, verdict: str | None = None) -> None:
-    from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
-
-    few = any(FEW_SHOT in m for m in metrics.values())
-    columns = ["metric", "base (zero-shot)", *([f"base ({shots}-shot)"] if few else []), "tuned", "delta"]
-    table = Table(*columns, box=None, header_style="bold")
-
-    def cell(m: dict[str, Any], label: str) -> str:
-        value = m.get(label, {}).get("value") if label in m else None
-        return "-" if value is None else f"{value:.4g}"
-
-    for name, m in metrics.items():
-        label = f"{name} ({m['examples']} own probes)" if "examples" in m else name
-        row = [label, cell(m, BASE), *([cell(m, FEW_SHOT)] if few else []), cell(m, TUNED)]
-        delta = m.get("delta")
-        row.append("-" if delta is None else f"{delta:+.4g}")
-        table.add_row(*row)
-    out.print(table)
-    for name, m in metrics.items():
-        if "examples" in m and m.get("delta") is not None and m["higher_is_better"]:
-            drop = -m["delta"]
-            out.print(
-                f"forgetting ({name}): {m[BASE]['value']:.0%} -> {m[TUNED]['value']:.0%}, "
-                + (f"a drop of {drop * 100:.1f} points" if drop > 0 else "no drop"),
-                highlight=False,
-            )
-    if verdict:
-        out.print(f"[bold]prompt baseline:[/bold] {escape(verdict)}", highlight=False)
 
 
 @app.command()

@@ -199,6 +199,8 @@ def with_shots(conv: Conversation, shots: Sequence[Conversation]) -> Conversatio
 # examples in its prompt, and the tuned model.
 BASE, FEW_SHOT, TUNED = "base", "base_few_shot", "tuned"
 
+Run = tuple[str, Callable[[], AbstractContextManager[Any]], Sequence[Conversation]]  # label, context, prompts
+
 
 def compare(
     model: PreTrainedModel,
@@ -225,21 +227,42 @@ def compare(
     """
     result = Comparison()
     probe_sets = {ev.name: ev.examples() for ev in evaluators}
-    task_evaluators = [ev for ev in evaluators if probe_sets[ev.name] is None]
-    runs: list[tuple[str, Callable[[], AbstractContextManager[Any]], Sequence[Conversation]]] = []
+    on_task = [ev for ev in evaluators if probe_sets[ev.name] is None]
+    runs: list[Run] = []
     if base_context is not None:
         runs.append((BASE, base_context, examples))
         if shots:
             runs.append((FEW_SHOT, base_context, [with_shots(c, shots) for c in examples]))
     runs.append((TUNED, nullcontext, examples))
+    runner = _Runner(model, tokenizer, batch_size, progress, base_cache, result.cached)
     model.eval()
+    if on_task:
+        for label, context, prompts in runs:
+            result.outputs[label] = runner.outputs(label, context, prompts, on_task, max_new_tokens, label)
+    for ev in evaluators:
+        result.metrics[ev.name] = _metric(ev, probe_sets[ev.name], examples, runs, result.outputs, runner)
+    for i, conv in enumerate(examples[:samples] if result.outputs else []):
+        row: dict[str, Any] = {"line": conv.line, "prompt": conv.prompt, "reference": conv.reference}
+        for label, outputs in result.outputs.items():
+            row[label] = outputs.predictions[i]
+            row[f"{label}_loss"] = _clean(outputs.losses[i])
+        result.samples.append(row)
+    return result
 
-    def step(label: str) -> Progress | None:
-        if progress is None:
-            return None
-        return lambda what, done, total: progress(f"{label} {what}", done, total)
 
-    def outputs_of(
+@dataclass
+class _Runner:
+    """Runs one comparison's models; the base's outputs come from ``base_cache`` where it has them."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int
+    progress: Progress | None
+    base_cache: BaseOutputCache | None
+    cached: list[str]  # what was read back, in order
+
+    def outputs(
+        self,
         label: str,
         context: Callable[[], AbstractContextManager[Any]],
         prompts: Sequence[Conversation],
@@ -248,56 +271,66 @@ def compare(
         shown: str,
         fit: bool = True,
     ) -> ModelOutputs:
-        cache = base_cache if label != TUNED else None
+        cache = self.base_cache if label != TUNED else None
         # The answer budget, worked out once: it is part of the cache key and what run_model uses.
-        tokens = generation_budget(tokenizer, prompts, evs, budget, fit)
+        tokens = generation_budget(self.tokenizer, prompts, evs, budget, fit)
         key = ""
         if cache is not None:
             losses = any(e.needs_loss for e in evs)
-            key = cache.key(prompts, new_tokens=tokens, losses=losses, batch_size=batch_size)
+            key = cache.key(prompts, new_tokens=tokens, losses=losses, batch_size=self.batch_size)
             stored = cache.get(key, len(prompts))
             if stored is not None:
-                result.cached.append(shown)
-                if progress is not None:
-                    progress(f"{shown}: read back from the cache", len(prompts), len(prompts))
+                self.cached.append(shown)
+                if self.progress is not None:
+                    self.progress(f"{shown}: read back from the cache", len(prompts), len(prompts))
                 return stored
         with context():
             outputs = run_model(
-                model, tokenizer, prompts, evs, tokens, batch_size, step(shown), fit_to_references=False
+                self.model,
+                self.tokenizer,
+                prompts,
+                evs,
+                tokens,
+                self.batch_size,
+                self._step(shown),
+                fit_to_references=False,
             )
         if cache is not None:
             cache.put(key, outputs)
         return outputs
 
-    for label, context, prompts in runs:
-        if not task_evaluators:
-            break
-        result.outputs[label] = outputs_of(label, context, prompts, task_evaluators, max_new_tokens, label)
-    for ev in evaluators:
-        entry: dict[str, Any] = {"higher_is_better": ev.higher_is_better}
-        own = probe_sets[ev.name]
-        if own is None:
-            for label, outputs in result.outputs.items():
-                entry[label] = score(ev, examples, outputs)
-        else:
-            entry["examples"] = len(own)
-            for label, context, _ in runs:
-                if label == FEW_SHOT:
-                    continue
-                shown = f"{label} {ev.name}"
-                outputs = outputs_of(label, context, own, [ev], ev.max_new_tokens, shown, fit=False)
-                entry[label] = score(ev, own, outputs)
-        if BASE in entry:
-            b, t = entry[BASE]["value"], entry[TUNED]["value"]
-            entry["delta"] = None if b is None or t is None else round(t - b, 6)
-        result.metrics[ev.name] = entry
-    for i, conv in enumerate(examples[:samples] if result.outputs else []):
-        row: dict[str, Any] = {"line": conv.line, "prompt": conv.prompt, "reference": conv.reference}
-        for label, outputs in result.outputs.items():
-            row[label] = outputs.predictions[i]
-            row[f"{label}_loss"] = _clean(outputs.losses[i])
-        result.samples.append(row)
-    return result
+    def _step(self, label: str) -> Progress | None:
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda what, done, total: progress(f"{label} {what}", done, total)
+
+
+def _metric(
+    ev: Evaluator,
+    own: Sequence[Conversation] | None,
+    examples: Sequence[Conversation],
+    runs: Sequence[Run],
+    outputs: dict[str, ModelOutputs],
+    runner: _Runner,
+) -> dict[str, Any]:
+    """One evaluator's scores per model, on the task's examples or on its own probe set ``own``."""
+    entry: dict[str, Any] = {"higher_is_better": ev.higher_is_better}
+    if own is None:
+        for label, out in outputs.items():
+            entry[label] = score(ev, examples, out)
+    else:
+        entry["examples"] = len(own)
+        for label, context, _ in runs:
+            if label == FEW_SHOT:
+                continue
+            shown = f"{label} {ev.name}"
+            out = runner.outputs(label, context, own, [ev], ev.max_new_tokens, shown, fit=False)
+            entry[label] = score(ev, own, out)
+    if BASE in entry:
+        b, t = entry[BASE]["value"], entry[TUNED]["value"]
+        entry["delta"] = None if b is None or t is None else round(t - b, 6)
+    return entry
 
 
 def headline(metrics: dict[str, dict[str, Any]], evaluators: Sequence[Evaluator]) -> str | None:

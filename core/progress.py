@@ -1,4 +1,4 @@
-"""The losses logged at each training step, as a ``Reporter`` learns them.
+"""What a training run tells as it goes: the ``Reporter``, and the losses logged at each step.
 
 ``Reporter.train_step(step, loss, val_loss)`` is called once per step, after the Trainer has
 logged and validated at that step, with the values logged at it (None where nothing was).
@@ -6,14 +6,31 @@ logged and validated at that step, with the values logged at it (None where noth
 job's events) can tell the latest value at any step and when an epoch's values are all known;
 they name the same step for each value as the report's ``train_loss`` and ``val_loss`` (and a
 job's ``step_metrics.csv``) do. ``finish`` adds anything the report has that no call brought.
+
+``Reporter`` is what a run tells, ``trainer_callback`` feeds it from the Trainer, and
+``Interrupts`` turns the first Ctrl-C into a stop after the current step.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+
+class Reporter:
+    """Where training tells the user what it is doing. The CLI shows it with rich."""
+
+    def stage(self, name: str) -> None: ...
+    def note(self, text: str) -> None: ...
+    def progress(self, what: str, done: int, total: int) -> None: ...
+    def train_start(self, total_steps: int) -> None: ...
+    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+        """Step ``step`` is done: ``loss`` and ``val_loss`` are what was logged at it (None: nothing)."""
+
+    def train_end(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -76,3 +93,75 @@ def epoch_ends(total_steps: int, epochs: float) -> list[int]:
         return []
     per_epoch = total_steps / epochs
     return [min(total_steps, math.ceil(e * per_epoch - 1e-9)) for e in range(1, count + 1)]
+
+
+def trainer_callback(reporter: Reporter, stop: dict[str, bool]) -> Any:
+    """A Trainer callback that tells ``reporter`` each step and stops training once ``stop`` asks."""
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        """Reports each step once its losses are logged: the Trainer ends a step (``on_step_end``),
+        then logs its training loss and validates (``on_log``, ``on_evaluate``), then begins the
+        next one. So a step is reported when the next begins, or when training ends."""
+
+        step: int | None = None
+        loss: float | None = None
+        val: float | None = None
+
+        def _report(self) -> None:
+            if self.step is not None:
+                reporter.train_step(self.step, self.loss, self.val)
+            self.step, self.loss, self.val = None, None, None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            reporter.train_start(state.max_steps)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._report()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.step = state.global_step
+            if stop["requested"]:
+                control.should_training_stop = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs and state.global_step == self.step:
+                self.loss = float(logs["loss"])
+
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any
+        ) -> None:
+            if metrics and "eval_loss" in metrics and state.global_step == self.step:
+                self.val = float(metrics["eval_loss"])
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._report()
+            reporter.train_end()
+
+    return ReportProgress()
+
+
+class Interrupts:
+    """First Ctrl-C: stop after this step. Second: abort now."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.state = {"requested": False}
+        self._previous: Any = None
+
+    def __enter__(self) -> dict[str, bool]:
+        def handler(signum: int, frame: Any) -> None:
+            if self.state["requested"]:
+                raise KeyboardInterrupt
+            self.state["requested"] = True
+            self.reporter.note("stopping after this step and saving (Ctrl-C again to abort)")
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: no signal handling
+            self._previous = None
+        return self.state
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

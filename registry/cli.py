@@ -37,13 +37,13 @@ def options(
     ctx.obj = {k: v for k, v in overrides.items() if v is not None}
 
 
-def _registry(ctx: typer.Context) -> Any:
+def open_registry(ctx: typer.Context) -> Any:
     from adapterdeck.registry import Registry, RegistrySettings
 
     return Registry(RegistrySettings(**(ctx.obj or {})))
 
 
-def _dump(value: Any) -> None:
+def dump(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
 
 
@@ -83,9 +83,9 @@ def publish(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate and publish an adapter as the next version of tenant/name."""
-    info = _registry(ctx).publish(path, adapter, alias=alias, base=base)
+    info = open_registry(ctx).publish(path, adapter, alias=alias, base=base)
     if as_json:
-        _dump(info.to_dict())
+        dump(info.to_dict())
     else:
         out.print(f"published [bold]{info.ref}[/bold]" + (f" (alias {alias})" if alias else ""))
 
@@ -100,9 +100,9 @@ def import_(
     as_json: JsonFlag = False,
 ) -> None:
     """Import an adapter trained elsewhere with plain PEFT (validated like any publish)."""
-    info = _registry(ctx).import_adapter(path, adapter, base=base, alias=alias)
+    info = open_registry(ctx).import_adapter(path, adapter, base=base, alias=alias)
     if as_json:
-        _dump(info.to_dict())
+        dump(info.to_dict())
     else:
         out.print(f"imported [bold]{info.ref}[/bold], served by {', '.join(info.served_by)}")
 
@@ -120,15 +120,15 @@ def validate(
     from adapterdeck.registry.validate import PublishRefused
 
     try:
-        candidate = _registry(ctx).validate(path, base)
+        candidate = open_registry(ctx).validate(path, base)
     except AdapterdeckError as exc:
         if not as_json:
             raise
         reasons = exc.reasons if isinstance(exc, PublishRefused) else [str(exc)]
-        _dump({"path": str(path), "ok": False, "reasons": reasons})
+        dump({"path": str(path), "ok": False, "reasons": reasons})
         raise typer.Exit(1) from None
     if as_json:
-        _dump(
+        dump(
             {
                 "path": str(path),
                 "ok": True,
@@ -154,9 +154,9 @@ def list_(
     as_json: JsonFlag = False,
 ) -> None:
     """Adapters, their versions and aliases."""
-    rows = _registry(ctx).list(tenant)
+    rows = open_registry(ctx).list(tenant)
     if as_json:
-        _dump(rows)
+        dump(rows)
         return
     table = Table(
         "adapter", "versions", "latest", "aliases", "method", "served by", box=None, header_style="bold"
@@ -181,12 +181,12 @@ def show(
     as_json: JsonFlag = False,
 ) -> None:
     """One version: what it is, where it can be served, its metrics and files."""
-    reg = _registry(ctx)
+    reg = open_registry(ctx)
     info = reg.show(ref)
     if as_json:
         payload = info.to_dict()
         payload["alias_history"] = reg.alias_history(f"{info.tenant}/{info.name}")
-        _dump(payload)
+        dump(payload)
         return
     _print_version(info)
 
@@ -199,7 +199,7 @@ def alias(
     version: Annotated[int, typer.Argument(help="The version it should point at.")],
 ) -> None:
     """Point tenant/name:ALIAS at version N (the move is kept in the history)."""
-    info = _registry(ctx).set_alias(adapter, name, version)
+    info = open_registry(ctx).set_alias(adapter, name, version)
     out.print(f"{adapter}:{name} -> {info.ref}")
 
 
@@ -210,14 +210,14 @@ def pull(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (a plain PEFT adapter).")],
 ) -> None:
     """Download a version as a plain PEFT directory."""
-    path = _registry(ctx).pull(ref, out_dir)
+    path = open_registry(ctx).pull(ref, out_dir)
     out.print(f"wrote {path}", markup=False)
 
 
 @app.command()
 def delete(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="tenant/name@N")]) -> None:
     """Delete one version (refused while an alias points at it)."""
-    _registry(ctx).delete(ref)
+    open_registry(ctx).delete(ref)
     out.print(f"deleted {ref}")
 
 
@@ -227,7 +227,7 @@ def gc(
     grace: Annotated[float, typer.Option(help="Keep unreferenced blobs younger than this (seconds).")] = 3600,
 ) -> None:
     """Remove blobs that no version references (left by interrupted publishes and deletes)."""
-    result = _registry(ctx).gc(grace)
+    result = open_registry(ctx).gc(grace)
     out.print(f"removed {result['removed']} blob(s), kept {result['kept']}")
 
 
@@ -236,16 +236,16 @@ def base_add(
     ctx: typer.Context, model: Annotated[str, typer.Argument(help="Local model dir or hub id.")]
 ) -> None:
     """Record a base model (its fingerprint of config, vocabulary and chat template)."""
-    record = _registry(ctx).add_base(model)
+    record = open_registry(ctx).add_base(model)
     out.print(f"base {record.name}: {record.fingerprint}")
 
 
 @base_app.command("list")
 def base_list(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """The registry's base models."""
-    bases = _registry(ctx).bases()
+    bases = open_registry(ctx).bases()
     if as_json:
-        _dump([{"name": b.name, "fingerprint": b.fingerprint} for b in bases])
+        dump([{"name": b.name, "fingerprint": b.fingerprint} for b in bases])
         return
     for b in bases:
         out.print(f"{b.name}  {b.fingerprint}", highlight=False)

@@ -2,13 +2,17 @@
 
 SQLite runs in WAL mode (readers never wait for the writer) and write transactions start with
 ``BEGIN IMMEDIATE``, so concurrent publishers queue for the write lock instead of deadlocking.
+The helpers every table's code shares live here too: the time, insert-or-ignore, get-or-create a
+tenant, and pages of a list.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Column, Connection, Engine, Row, Select, Table, create_engine, event, select, text
 from sqlalchemy.engine import make_url
 
+import adapterdeck.registry.schema as t
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.errors import StorageFault
 from adapterdeck.registry.private import create_private, private_dir
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -96,7 +102,7 @@ def migrate(engine: Engine) -> None:
         if current_revision(engine) == head:
             return
     except Exception as exc:
-        raise AdapterdeckError(f"cannot open the registry database: {_why(engine, exc)}") from exc
+        raise StorageFault(f"cannot open the registry database: {_why(engine, exc)}") from exc
     with write_transaction(engine) as conn:
         if engine.dialect.name == "postgresql":
             # One migrator at a time across machines; the others wait, then find nothing to do.
@@ -118,3 +124,64 @@ def _why(engine: Engine, exc: Exception) -> str:
         except OSError as err:
             reason += f" ({folder}: {err.strerror})"
     return reason
+
+
+# -- shared helpers --------------------------------------------------------------------------
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """A stored time with its UTC offset (SQLite hands it back without one)."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def iso(value: Any) -> str:
+    """A stored time as ISO 8601 with its offset; SQLite hands back the UTC time without one."""
+    if not isinstance(value, datetime):
+        return str(value)
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> None:
+    """Insert a row unless one with the same ``keys`` exists (safe against a concurrent insert)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    conn.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
+
+
+def ensure_tenant(conn: Connection, name: str) -> int:
+    """The id of tenant ``name``, recorded first if it is new (callers check the name)."""
+    insert_ignore(conn, t.tenants, {"name": name, "created_at": now()}, ["name"])
+    return conn.execute(select(t.tenants.c.id).where(t.tenants.c.name == name)).scalar_one()
+
+
+@dataclass
+class Page:
+    items: list[Any]
+    has_more: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fetch_page(
+    conn: Connection,
+    query: Select,
+    column: Column,
+    *,
+    after: Any,
+    limit: int,
+    descending: bool = True,
+    item: Callable[[Row], Any] = lambda row: row,
+) -> Page:
+    """Up to ``limit`` rows of ``query`` ordered by ``column``, starting past the value ``after``
+    (None: from the start); one row more is read to tell whether another page follows."""
+    if after is not None:
+        query = query.where(column < after if descending else column > after)
+    rows = conn.execute(query.order_by(column.desc() if descending else column).limit(limit + 1)).all()
+    return Page([item(r) for r in rows[:limit]], len(rows) > limit)

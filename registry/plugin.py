@@ -11,7 +11,7 @@ from adapterdeck.core import hookimpl
 @hookimpl
 def register_commands(cli: Any) -> None:
     from adapterdeck.registry.cli import app
-    from adapterdeck.registry.experiment_cli import app as experiment_app
+    from adapterdeck.registry.experiments.cli import app as experiment_app
 
     cli.add_typer(app, name="registry")
     cli.add_typer(experiment_app, name="experiment")

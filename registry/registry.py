@@ -11,16 +11,22 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, select, text, update
+from sqlalchemy import Connection, and_, func, select, text, update
 
+import adapterdeck.registry.schema as t
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.registry import schema as t
-from adapterdeck.registry.db import make_engine, migrate, write_transaction
+from adapterdeck.registry.db import (
+    ensure_tenant,
+    insert_ignore,
+    iso,
+    make_engine,
+    migrate,
+    now,
+    write_transaction,
+)
 from adapterdeck.registry.errors import Conflict, NotFound, StorageFault
 from adapterdeck.registry.private import private_dir
 from adapterdeck.registry.refs import DEFAULT_ALIAS, Ref, check_alias, parse_adapter, parse_ref
@@ -33,46 +39,16 @@ from adapterdeck.registry.validate import (
     file_name_problem,
     validate,
 )
-
-
-@dataclass
-class VersionInfo:
-    ref: str
-    tenant: str
-    name: str
-    version: int
-    base: str
-    base_fingerprint: str
-    peft_type: str
-    method: str
-    params: dict[str, Any]
-    served_by: list[str]
-    rank: int | None
-    dataset_sha256: str | None
-    data_format: str | None
-    metrics: dict[str, Any] | None
-    chat_template_sha256: str | None
-    size_bytes: int
-    source: str
-    created_at: str
-    library_versions: dict[str, Any] | None
-    manifest_sha256: str
-    aliases: list[str] = field(default_factory=list)
-    files: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _iso(value: Any) -> str:
-    """A stored time as ISO 8601 with its offset; SQLite hands back the UTC time without one."""
-    if not isinstance(value, datetime):
-        return str(value)
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+from adapterdeck.registry.versions import (
+    BY_ALIAS,
+    BY_VERSION,
+    NEWEST,
+    VERSION_FROM,
+    VersionInfo,
+    adapter_listing,
+    experiments_serving,
+    version_info,
+)
 
 
 def _plain_files(info: VersionInfo) -> list[dict[str, Any]]:
@@ -81,98 +57,8 @@ def _plain_files(info: VersionInfo) -> list[dict[str, Any]]:
     for f in info.files:
         problem = file_name_problem(f["path"])
         if problem:
-            raise AdapterdeckError(f"{info.ref}: refusing to write its files: {problem}")
+            raise StorageFault(f"{info.ref}: refusing to write its files: {problem}")
     return info.files
-
-
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> None:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    conn.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
-
-
-_VERSION_COLUMNS = (
-    t.versions.c.id,
-    t.versions.c.version,
-    t.versions.c.manifest_sha256,
-    t.versions.c.peft_type,
-    t.versions.c.method,
-    t.versions.c.params,
-    t.versions.c.served_by,
-    t.versions.c.rank,
-    t.versions.c.dataset_sha256,
-    t.versions.c.data_format,
-    t.versions.c.metrics,
-    t.versions.c.chat_template_sha256,
-    t.versions.c.size_bytes,
-    t.versions.c.source,
-    t.versions.c.created_at,
-    t.versions.c.library_versions,
-    t.tenants.c.name.label("tenant"),
-    t.adapters.c.name.label("adapter"),
-    t.bases.c.name.label("base"),
-    t.bases.c.fingerprint.label("base_fingerprint"),
-)
-_VERSION_FROM = (
-    t.versions.join(t.adapters, t.adapters.c.id == t.versions.c.adapter_id)
-    .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
-    .join(t.bases, t.bases.c.id == t.versions.c.base_id)
-)
-
-
-# Resolving is the hot path of serving: the statements are built once, with bind parameters.
-_SAME_ADAPTER = and_(t.tenants.c.name == bindparam("tenant"), t.adapters.c.name == bindparam("name"))
-_BY_VERSION = (
-    select(*_VERSION_COLUMNS)
-    .select_from(_VERSION_FROM)
-    .where(_SAME_ADAPTER, t.versions.c.version == bindparam("version"))
-)
-_BY_ALIAS = (
-    select(*_VERSION_COLUMNS)
-    .select_from(
-        _VERSION_FROM.join(
-            t.aliases,
-            # adapter_id too, so the lookup uses the aliases primary key instead of a scan.
-            and_(t.aliases.c.adapter_id == t.adapters.c.id, t.aliases.c.version_id == t.versions.c.id),
-        )
-    )
-    .where(_SAME_ADAPTER, t.aliases.c.alias == bindparam("alias"))
-)
-_NEWEST = (
-    select(*_VERSION_COLUMNS)
-    .select_from(_VERSION_FROM)
-    .where(_SAME_ADAPTER)
-    .order_by(t.versions.c.version.desc())
-    .limit(1)
-)
-
-
-def _info(row: Row) -> VersionInfo:
-    created = row.created_at
-    return VersionInfo(
-        ref=f"{row.tenant}/{row.adapter}@{row.version}",
-        tenant=row.tenant,
-        name=row.adapter,
-        version=row.version,
-        base=row.base,
-        base_fingerprint=row.base_fingerprint,
-        peft_type=row.peft_type,
-        method=row.method,
-        params=row.params,
-        served_by=row.served_by,
-        rank=row.rank,
-        dataset_sha256=row.dataset_sha256,
-        data_format=row.data_format,
-        metrics=row.metrics,
-        chat_template_sha256=row.chat_template_sha256,
-        size_bytes=row.size_bytes,
-        source=row.source,
-        created_at=_iso(created),
-        library_versions=row.library_versions,
-        manifest_sha256=row.manifest_sha256,
-    )
 
 
 class Registry:
@@ -215,7 +101,7 @@ class Registry:
     def _ensure_base(self, conn: Connection, base: BaseRecord) -> int:
         if base.id is not None:
             return base.id
-        _insert_ignore(
+        insert_ignore(
             conn,
             t.bases,
             {
@@ -223,7 +109,7 @@ class Registry:
                 "fingerprint": base.fingerprint,
                 "config": json.loads(json.dumps(base.config, default=str)),
                 "chat_template_sha256": base.chat_template_sha256,
-                "created_at": _now(),
+                "created_at": now(),
             },
             ["fingerprint"],
         )
@@ -272,14 +158,11 @@ class Registry:
         manifest_sha = self.store.put_bytes(json.dumps(manifest, sort_keys=True).encode())
         with write_transaction(self.engine) as conn:
             base_id = self._ensure_base(conn, candidate.base)
-            _insert_ignore(conn, t.tenants, {"name": ref.tenant, "created_at": _now()}, ["name"])
-            tenant_id = conn.execute(
-                select(t.tenants.c.id).where(t.tenants.c.name == ref.tenant)
-            ).scalar_one()
-            _insert_ignore(
+            tenant_id = ensure_tenant(conn, ref.tenant)
+            insert_ignore(
                 conn,
                 t.adapters,
-                {"tenant_id": tenant_id, "name": ref.name, "last_version": 0, "created_at": _now()},
+                {"tenant_id": tenant_id, "name": ref.name, "last_version": 0, "created_at": now()},
                 ["tenant_id", "name"],
             )
             adapter_id, number = conn.execute(
@@ -307,13 +190,13 @@ class Registry:
                     size_bytes=candidate.size_bytes,
                     library_versions=candidate.library_versions,
                     source=source,
-                    created_at=_now(),
+                    created_at=now(),
                 )
                 .returning(t.versions.c.id)
             ).scalar_one()
             conn.execute(t.version_files.insert(), [{"version_id": version_id, **e} for e in entries])
             if alias is not None:
-                self._move_alias(conn, adapter_id, alias, version_id, number)
+                self.move_alias(conn, adapter_id, alias, version_id, number)
         return self.show(f"{ref.adapter}@{number}")
 
     def import_adapter(
@@ -330,20 +213,20 @@ class Registry:
         params = {"tenant": ref.tenant, "name": ref.name}
         with self.engine.connect() as conn:
             if ref.version is not None:
-                row = conn.execute(_BY_VERSION, {**params, "version": ref.version}).first()
+                row = conn.execute(BY_VERSION, {**params, "version": ref.version}).first()
             else:
-                row = conn.execute(_BY_ALIAS, {**params, "alias": ref.alias or DEFAULT_ALIAS}).first()
+                row = conn.execute(BY_ALIAS, {**params, "alias": ref.alias or DEFAULT_ALIAS}).first()
                 if row is None and ref.alias is None:
-                    row = conn.execute(_NEWEST, params).first()
+                    row = conn.execute(NEWEST, params).first()
         if row is None:
             raise NotFound(f"no adapter version {ref}")
-        return _info(row)
+        return version_info(row)
 
     def show(self, ref: str | Ref) -> VersionInfo:
         """Like ``resolve``, with the version's files and the aliases pointing at it."""
         info = self.resolve(ref)
         with self.engine.connect() as conn:
-            version_id = self._version_id(conn, info)
+            version_id = self.version_id(conn, info)
             files = conn.execute(
                 select(t.version_files.c.path, t.version_files.c.sha256, t.version_files.c.size)
                 .where(t.version_files.c.version_id == version_id)
@@ -358,10 +241,11 @@ class Registry:
             info.aliases = list(aliases)
         return info
 
-    def _version_id(self, conn: Connection, info: VersionInfo) -> int:
+    def version_id(self, conn: Connection, info: VersionInfo) -> int:
+        """The row id of a resolved version, inside ``conn``'s transaction."""
         return conn.execute(
             select(t.versions.c.id)
-            .select_from(_VERSION_FROM)
+            .select_from(VERSION_FROM)
             .where(
                 t.tenants.c.name == info.tenant,
                 t.adapters.c.name == info.name,
@@ -370,68 +254,30 @@ class Registry:
         ).scalar_one()
 
     def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        """Every adapter (of one tenant, or all): its versions and aliases."""
-        query = (
-            select(t.tenants.c.name.label("tenant"), t.adapters.c.name.label("adapter"), t.adapters.c.id)
-            .select_from(t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id))
-            .order_by(t.tenants.c.name, t.adapters.c.name)
-        )
-        if tenant is not None:
-            query = query.where(t.tenants.c.name == tenant)
-        out = []
+        """Every adapter (of one tenant, or all) that has a version: its versions and aliases."""
         with self.engine.connect() as conn:
-            adapters = conn.execute(query).all()
-            for row in adapters:
-                versions = conn.execute(
-                    select(
-                        t.versions.c.version,
-                        t.versions.c.method,
-                        t.versions.c.served_by,
-                        t.versions.c.created_at,
-                    )
-                    .where(t.versions.c.adapter_id == row.id)
-                    .order_by(t.versions.c.version)
-                ).all()
-                aliases = conn.execute(
-                    select(t.aliases.c.alias, t.versions.c.version)
-                    .select_from(t.aliases.join(t.versions, t.versions.c.id == t.aliases.c.version_id))
-                    .where(t.aliases.c.adapter_id == row.id)
-                ).all()
-                if not versions:
-                    continue
-                out.append(
-                    {
-                        "adapter": f"{row.tenant}/{row.adapter}",
-                        "tenant": row.tenant,
-                        "name": row.adapter,
-                        "versions": [v.version for v in versions],
-                        "latest": versions[-1].version,
-                        "method": versions[-1].method,
-                        "served_by": versions[-1].served_by,
-                        "aliases": {a.alias: a.version for a in aliases},
-                    }
-                )
-        return out
+            return adapter_listing(conn, tenant)
 
     def alias_history(self, adapter: str) -> list[dict[str, Any]]:
         ref = parse_adapter(adapter)
         with self.engine.connect() as conn:
-            adapter_id = self._adapter_id(conn, ref)
+            adapter_id = self.adapter_id(conn, ref)
             rows = conn.execute(
                 select(t.alias_events)
                 .where(t.alias_events.c.adapter_id == adapter_id)
                 .order_by(t.alias_events.c.id)
             ).all()
-        return [
-            {"alias": r.alias, "from": r.old_version, "to": r.new_version, "at": _iso(r.at)} for r in rows
-        ]
+        return [{"alias": r.alias, "from": r.old_version, "to": r.new_version, "at": iso(r.at)} for r in rows]
 
-    def _adapter_id(self, conn: Connection, ref: Ref) -> int:
-        adapter_id = conn.execute(
+    def adapter_id(self, conn: Connection, ref: Ref, *, lock: bool = False) -> int:
+        """The row id of ``ref``'s adapter; ``lock`` holds its row (PostgreSQL) until ``conn``'s
+        transaction ends, so changes to one adapter's aliases take turns."""
+        query = (
             select(t.adapters.c.id)
             .select_from(t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id))
             .where(t.tenants.c.name == ref.tenant, t.adapters.c.name == ref.name)
-        ).scalar()
+        )
+        adapter_id = conn.execute(query.with_for_update(of=t.adapters) if lock else query).scalar()
         if adapter_id is None:
             raise NotFound(f"no adapter {ref.adapter}")
         return adapter_id
@@ -444,16 +290,15 @@ class Registry:
         check_alias(alias)
         target = self.resolve(Ref(ref.tenant, ref.name, version=version))
         with write_transaction(self.engine) as conn:
-            adapter_id = self._adapter_id(conn, ref)
             # One alias move per adapter at a time, as in publish (whose UPDATE locks the same row):
-            # _move_alias reads, then inserts or updates. SQLite's BEGIN IMMEDIATE already serializes.
-            conn.execute(select(t.adapters.c.id).where(t.adapters.c.id == adapter_id).with_for_update())
-            self._move_alias(conn, adapter_id, alias, self._version_id(conn, target), version)
+            # move_alias reads, then inserts or updates. SQLite's BEGIN IMMEDIATE already serializes.
+            adapter_id = self.adapter_id(conn, ref, lock=True)
+            self.move_alias(conn, adapter_id, alias, self.version_id(conn, target), version)
         return self.show(f"{ref.adapter}:{alias}")
 
-    def _move_alias(
-        self, conn: Connection, adapter_id: int, alias: str, version_id: int, number: int
-    ) -> None:
+    def move_alias(self, conn: Connection, adapter_id: int, alias: str, version_id: int, number: int) -> None:
+        """Point an alias at a version inside ``conn``'s transaction and record the move; the caller
+        holds the adapter's row (``adapter_id(..., lock=True)``) and has checked the names."""
         key = and_(t.aliases.c.adapter_id == adapter_id, t.aliases.c.alias == alias)
         old = conn.execute(
             select(t.versions.c.version)
@@ -463,32 +308,31 @@ class Registry:
         if old is None:
             conn.execute(
                 t.aliases.insert().values(
-                    adapter_id=adapter_id, alias=alias, version_id=version_id, updated_at=_now()
+                    adapter_id=adapter_id, alias=alias, version_id=version_id, updated_at=now()
                 )
             )
         else:
-            conn.execute(update(t.aliases).where(key).values(version_id=version_id, updated_at=_now()))
+            conn.execute(update(t.aliases).where(key).values(version_id=version_id, updated_at=now()))
         conn.execute(
             t.alias_events.insert().values(
-                adapter_id=adapter_id, alias=alias, old_version=old, new_version=number, at=_now()
+                adapter_id=adapter_id, alias=alias, old_version=old, new_version=number, at=now()
             )
         )
 
     def delete(self, ref: str) -> None:
-        """Delete ``tenant/name@N``; refused while an alias points at it. Its blobs go at the next gc."""
-        from adapterdeck.registry.experiments import Experiments
-
+        """Delete ``tenant/name@N``; refused while an alias or a running experiment points at it. Its
+        blobs go at the next gc."""
         parsed = parse_ref(ref)
         if parsed.version is None:
             raise AdapterdeckError(f"{ref}: delete takes an exact version, tenant/name@N")
         info = self.resolve(parsed)
         with write_transaction(self.engine) as conn:
-            version_id = self._version_id(conn, info)
+            version_id = self.version_id(conn, info)
             pointing = conn.execute(
                 select(t.aliases.c.alias).where(t.aliases.c.version_id == version_id)
             ).scalars()
             names = sorted(pointing)
-            experiments = Experiments(self).pinned_by(conn, info.ref)
+            experiments = experiments_serving(conn, info.ref)
             if experiments:
                 raise Conflict(
                     f"cannot delete {info.ref}: the running experiment on {', '.join(experiments)} "

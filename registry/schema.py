@@ -119,6 +119,8 @@ api_keys = Table(
 
 # -- A/B experiments -----------------------------------------------------------------------------
 
+EXPERIMENT_RUNNING, EXPERIMENT_STOPPED, EXPERIMENT_PROMOTED = "running", "stopped", "promoted"
+
 experiments = Table(
     "experiments",
     metadata,
@@ -126,7 +128,8 @@ experiments = Table(
     Column("adapter_id", Integer, ForeignKey("adapters.id"), nullable=False, index=True),
     # running, stopped or promoted; at most one running experiment per public name.
     Column("status", String(16), nullable=False),
-    # The variants and the 10,000 assignment buckets each owns (see registry/experiments.py).
+    # {"variants": [...], "shadow": ... or null}: each variant's name, immutable ref (null for the
+    # base), role, weight and the 10,000 assignment buckets it owns (see registry/experiments/).
     Column("variants", JSON, nullable=False),
     Column("shadow", String(200)),
     Column("winner", String(200)),
@@ -168,7 +171,7 @@ experiment_responses = Table(
 
 # -- fine-tuning ---------------------------------------------------------------------------------
 # Uploaded training files, fine-tuning jobs with their events and checkpoints (OpenAI's API shape;
-# see registry/finetune.py). ``seq`` orders rows for cursor pagination; ``id`` is the public id.
+# see registry/finetune/). ``seq`` orders rows for cursor pagination; ``id`` is the public id.
 
 ft_files = Table(
     "ft_files",

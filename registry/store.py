@@ -1,9 +1,10 @@
 """Content-addressed blob storage on any fsspec filesystem (a local directory, S3, ...).
 
 A blob lives at ``blobs/<first two hex digits>/<sha256>`` and is never modified: writing the
-same content twice stores it once. Local writes go to a temporary name and are renamed into
-place, readable by their owner only (files 0600, directories 0700); object stores make a PUT
-visible whole.
+same content twice stores it once. Files kept by name (uploaded fine-tuning files) live beside the
+blobs, in ``FileStore`` folders of the same storage. Every write goes through one path: locally to
+a temporary name renamed into place, readable by their owner only (files 0600, directories 0700);
+object stores make a PUT visible whole.
 """
 
 from __future__ import annotations
@@ -51,10 +52,7 @@ class BlobStore:
             raise StorageFault(f"{sha!r:.80} is not a sha256 digest; the registry's records are damaged")
         return f"{self.root}/blobs/{sha[:2]}/{sha}"
 
-    def has(self, sha: str) -> bool:
-        return self.fs.exists(self.path(sha))
-
-    def _place(self, target: str, write: Callable[[str], None]) -> None:
+    def place(self, target: str, write: Callable[[str], None]) -> None:
         """Write ``target`` with ``write(path)``: locally through a temporary name renamed into place."""
         if not self.local:
             write(target)  # an object store makes a PUT visible whole
@@ -70,18 +68,21 @@ class BlobStore:
         target = self.path(sha)
         if self.fs.exists(target):
             return False
-        self._place(target, lambda path: self.fs.put_file(str(local), path))
+        self.place(target, lambda path: self.fs.put_file(str(local), path))
         return True
 
     def put_bytes(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         target = self.path(sha)
         if not self.fs.exists(target):
-            self._place(target, lambda path: self.fs.pipe_file(path, data))
+            self.place(target, lambda path: self.fs.pipe_file(path, data))
         return sha
 
     def get_bytes(self, sha: str) -> bytes:
-        data = self.fs.cat_file(self.path(sha))
+        try:
+            data = self.fs.cat_file(self.path(sha))
+        except FileNotFoundError:
+            raise StorageFault(f"blob {sha} is missing from {self.url}") from None
         if hashlib.sha256(data).hexdigest() != sha:
             raise StorageFault(f"blob {sha} is corrupt in {self.url}")
         return data
@@ -115,6 +116,40 @@ class BlobStore:
     def delete(self, name: str) -> None:
         path = f"{self.root}/blobs/{name[:2]}/{name}"
         self.fs.rm_file(path)
+
+
+class FileStore:
+    """Files by name under ``<storage>/<folder>/``, written as blobs are; apart from the blobs, so
+    ``registry gc`` never sees them. A file is checked against the digest recorded for it on read."""
+
+    def __init__(self, blobs: BlobStore, folder: str) -> None:
+        self.blobs = blobs
+        self.url = f"{blobs.url.rstrip('/')}/{folder}"
+        self.root = f"{blobs.root}/{folder}"
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def put_file(self, name: str, local: str | Path) -> None:
+        self.blobs.place(self.path(name), lambda path: self.blobs.fs.put_file(str(local), path))
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self.blobs.place(self.path(name), lambda path: self.blobs.fs.pipe_file(path, data))
+
+    def read(self, name: str, sha256: str) -> bytes:
+        try:
+            data = self.blobs.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            raise StorageFault(f"the content of {name} is missing from {self.url}") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StorageFault(f"the content of {name} is corrupt in {self.url}")
+        return data
+
+    def delete(self, name: str) -> None:
+        try:
+            self.blobs.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            pass
 
 
 def _mtime(info: dict[str, Any], default: float) -> float:

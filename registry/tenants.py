@@ -5,15 +5,15 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 
+import adapterdeck.registry.schema as t
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.registry import schema as t
-from adapterdeck.registry.db import write_transaction
+from adapterdeck.registry.db import ensure_tenant, now, write_transaction
+from adapterdeck.registry.errors import NotFound
 from adapterdeck.registry.refs import RESERVED_TENANTS, check_tenant
-from adapterdeck.registry.registry import Registry, _insert_ignore
+from adapterdeck.registry.registry import Registry
 
 KEY_PREFIX = "adk_"
 KEY_LENGTH = len(KEY_PREFIX) + 43  # secrets.token_urlsafe(32) is 43 characters
@@ -37,27 +37,25 @@ class Principal:
         return self.is_admin or self.tenant == tenant
 
 
-def _digest(key: str) -> str:
+def key_digest(key: str) -> str:
+    """What is stored of a key: its sha256."""
     return hashlib.sha256(key.encode()).hexdigest()
 
 
 def create_key(registry: Registry, tenant: str | None) -> str:
     """Create a tenant (if new) and a key for it, or an admin key when ``tenant`` is None."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    now = datetime.now(UTC)
+    if tenant is not None:
+        check_tenant(tenant)
     with write_transaction(registry.engine) as conn:
-        tenant_id = None
-        if tenant is not None:
-            check_tenant(tenant)
-            _insert_ignore(conn, t.tenants, {"name": tenant, "created_at": now}, ["name"])
-            tenant_id = conn.execute(select(t.tenants.c.id).where(t.tenants.c.name == tenant)).scalar_one()
+        tenant_id = ensure_tenant(conn, tenant) if tenant is not None else None
         conn.execute(
             t.api_keys.insert().values(
                 tenant_id=tenant_id,
-                key_sha256=_digest(key),
+                key_sha256=key_digest(key),
                 prefix=key[:PREFIX_LENGTH],
                 role=ROLE_TENANT if tenant is not None else ROLE_ADMIN,
-                created_at=now,
+                created_at=now(),
             )
         )
     return key
@@ -73,7 +71,7 @@ def authenticate(registry: Registry, key: str) -> Principal | None:
         row = conn.execute(
             select(t.api_keys.c.role, t.api_keys.c.prefix, t.tenants.c.name)
             .select_from(t.api_keys.outerjoin(t.tenants, t.tenants.c.id == t.api_keys.c.tenant_id))
-            .where(t.api_keys.c.key_sha256 == _digest(key), t.api_keys.c.revoked_at.is_(None))
+            .where(t.api_keys.c.key_sha256 == key_digest(key), t.api_keys.c.revoked_at.is_(None))
         ).first()
     if row is None or (row.role == ROLE_TENANT and row.name in RESERVED_TENANTS):
         return None
@@ -95,13 +93,13 @@ def revoke_key(registry: Registry, key_or_prefix: str) -> int:
         )
     keys = t.api_keys.c
     whole = len(given) >= KEY_LENGTH
-    match = keys.key_sha256 == _digest(given) if whole else keys.prefix == given[:PREFIX_LENGTH]
+    match = keys.key_sha256 == key_digest(given) if whole else keys.prefix == given[:PREFIX_LENGTH]
     with write_transaction(registry.engine) as conn:
         revoked = conn.execute(
-            t.api_keys.update().where(match, keys.revoked_at.is_(None)).values(revoked_at=datetime.now(UTC))
+            t.api_keys.update().where(match, keys.revoked_at.is_(None)).values(revoked_at=now())
         ).rowcount
     if not revoked:
         shown = f"{given[:PREFIX_LENGTH]}..." if whole else given[:PREFIX_LENGTH]
         what = "the key" if whole else "a key starting with"
-        raise AdapterdeckError(f"no active key matches {what} {shown!r}; nothing was revoked")
+        raise NotFound(f"no active key matches {what} {shown!r}; nothing was revoked")
     return revoked

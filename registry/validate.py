@@ -8,17 +8,15 @@ follows vLLM's rules (rank within the maximum, no DoRA, no bias, no modules_to_s
 layers the base has); size limits.
 
 Everything in the directory is treated as hostile: only plain files with the names an adapter
-has are accepted (no symbolic links, subdirectories or other names), JSON files are size-capped
-and type-checked before anything reads a field, and the safetensors header is checked against
-the file without trusting any length it claims.
+has are accepted (no symbolic links, subdirectories or other names), and every file is read
+through ``untrusted``: JSON files are size-capped and type-checked before anything reads a field,
+and the safetensors header is checked against the file without trusting any length it claims.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import struct
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,22 +25,16 @@ from typing import Any
 
 from adapterdeck.core.adapters import ADAPTER_META, PEFT_CONFIG
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.core.formats import json_type_name, shown
+from adapterdeck.core.formats import shown
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM, ENGINES
+from adapterdeck.registry.untrusted import file_name_problem, read_json_object, read_safetensors_header
 
 WEIGHTS = "adapter_model.safetensors"
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}  # fmt: skip
 PEFT_PREFIX = "base_model.model."
 README = "README.md"  # PEFT's save_pretrained writes a model card
 ADAPTER_FILES = (PEFT_CONFIG, WEIGHTS, ADAPTER_META, README)
 PICKLED_WEIGHTS = "adapter_model.bin"  # refused with its own reason
-MAX_JSON_BYTES = 1 << 20  # adapter_config.json, adapterdeck.json
 MAX_REPORT_BYTES = 64 << 20  # a run's report.json (loss curves, samples)
-MAX_JSON_DEPTH = 64
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
 
 class PublishRefused(AdapterdeckError):
@@ -83,72 +75,6 @@ class Candidate:
     library_versions: dict[str, str] = field(default_factory=dict)
 
 
-def file_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a file of an adapter, or None when it is a plain file name.
-
-    Applies to names in a directory being published, in an upload and in a stored manifest:
-    nothing may name a path outside the directory it is written to.
-    """
-    if not isinstance(name, str) or not name:
-        return "an empty file name"
-    if name in (".", "..") or "/" in name or "\\" in name:
-        return f"file name {shown(name)} is a path, not a plain file name"
-    if "\x00" in name:
-        return f"file name {shown(name)} contains a NUL character"
-    if any(unicodedata.category(c) == "Cs" for c in name):
-        return f"file name {shown(name)} is not valid UTF-8"
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name):
-        return f"file name {shown(name)} contains control or invisible characters"
-    if len(name.encode("utf-8")) > 255:
-        return f"file name {shown(name)} is longer than 255 bytes"
-    return None
-
-
-def _depth(value: Any) -> int:
-    """How deeply a decoded JSON value nests (iteratively: a hostile value must not exhaust the stack)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
-    return deepest
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def read_json_object(
-    path: Path, limit: int = MAX_JSON_BYTES, *, allow_nan: bool = False
-) -> tuple[dict[str, Any] | None, str | None]:
-    """A small JSON object file, or the reason it is not one: size, encoding, syntax, nesting, type.
-
-    NaN and Infinity (Python's extension to JSON) are refused unless ``allow_nan``: PostgreSQL's
-    JSON columns refuse them too.
-    """
-    size = path.stat().st_size
-    if size > limit:
-        return None, f"{path.name} is {size:,} bytes; the limit for it is {limit:,}"
-    try:
-        text = path.read_bytes().decode("utf-8")
-        value = json.loads(text) if allow_nan else json.loads(text, parse_constant=_no_constant)
-    except UnicodeDecodeError as exc:
-        return None, f"{path.name} is not UTF-8 text (byte {exc.start + 1})"
-    except RecursionError:
-        return None, f"{path.name} nests JSON more than {MAX_JSON_DEPTH} levels deep"
-    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(";")[0]
-        return None, f"{path.name} is not valid JSON: {reason}{where}"
-    if not isinstance(value, dict):
-        return None, f"{path.name} must hold a JSON object; it holds a JSON {json_type_name(value)}"
-    if _depth(value) > MAX_JSON_DEPTH:
-        return None, f"{path.name} nests JSON more than {MAX_JSON_DEPTH} levels deep"
-    return value, None
-
-
 def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
     """The adapter directory (``adapter/`` inside a run), the run's report if any, and what is wrong
     with that report."""
@@ -165,96 +91,6 @@ def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
             problems += [problem] if problem else _report_problems(report or {})
         path = path / "adapter"
     return path, None if problems else report, problems
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The tensors of a safetensors file, and what is wrong with the file (empty when sound).
-
-    Checks what the safetensors loader checks, without trusting the file: the header length
-    against the file's size (before reading it), the header's shape, each tensor's dtype, shape and
-    byte range, and that the tensors tile the data exactly (no overlap, no gap, nothing missing).
-    """
-    name = path.name
-    size = path.stat().st_size
-    if size < 8:
-        return {}, [f"{name} is {size} bytes: too short to be safetensors"]
-    with path.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > size - 8:
-            return {}, [
-                f"{name}: header length {length} does not fit the file ({size} bytes); "
-                "truncated, or not a safetensors file?"
-            ]
-        if length > MAX_HEADER_BYTES:
-            return {}, [f"{name}: the header is {length:,} bytes; the limit is {MAX_HEADER_BYTES:,}"]
-        raw = fh.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return {}, [f"{name}: the header is not UTF-8 text (byte {exc.start + 9}); not a safetensors file?"]
-    except RecursionError:
-        return {}, [f"{name}: the header nests JSON too deeply; not a safetensors header"]
-    except ValueError as exc:
-        return {}, [f"{name}: the header is not valid JSON ({str(exc).split(';')[0]})"]
-    if not isinstance(header, dict):
-        return {}, [f"{name}: the header is a JSON {json_type_name(header)}, not an object"]
-    problems: list[str] = []
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        problems.append(f"{name}: __metadata__ must map names to strings")
-    data_bytes = size - 8 - length
-    spans: list[tuple[int, int, str]] = []
-    tensors: dict[str, Any] = {}
-    for key, info in header.items():
-        label = f"{name}: tensor {shown(key, 60)}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            problems.append(f"{label} has a malformed header entry (needs dtype, shape and data_offsets)")
-            continue
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-            problems.append(f"{label} has unknown dtype {shown(str(dtype), 40)}")
-            continue
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            problems.append(
-                f"{label}: shape must be a list of non-negative integers, got {shown(str(shape), 60)}"
-            )
-            continue
-        if (
-            not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets))
-            or offsets[0] > offsets[1]
-        ):
-            problems.append(f"{label}: data_offsets must be [start, end] with 0 <= start <= end")
-            continue
-        start, stop = offsets
-        if stop - start != math.prod(shape) * DTYPE_BYTES[dtype]:
-            problems.append(f"{label} {dtype}{shown(str(shape), 60)} does not fill its {stop - start} bytes")
-            continue
-        spans.append((start, stop, key))
-        tensors[key] = info
-    end = max((stop for _, stop, _ in spans), default=0)
-    if end > data_bytes:
-        problems.append(
-            f"{name} is truncated: its header needs {end} bytes of data, the file has {data_bytes}"
-        )
-    elif not problems:
-        spans.sort()
-        previous_stop, previous = 0, None
-        for start, stop, key in spans:
-            if start < previous_stop:
-                problems.append(f"{name}: tensors {shown(previous or '', 60)} and {shown(key, 60)} overlap")
-            elif start > previous_stop:
-                gap = start - previous_stop
-                problems.append(f"{name}: {gap} bytes before tensor {shown(key, 60)} belong to no tensor")
-            previous_stop, previous = max(previous_stop, stop), key
-        if end < data_bytes:
-            problems.append(f"{name}: {data_bytes - end} bytes after the last tensor belong to no tensor")
-    return tensors, problems
 
 
 @lru_cache(maxsize=16)
@@ -478,44 +314,12 @@ def validate(
         reasons.append(f"the adapter is {size:,} bytes; the limit is {max_bytes:,}")
     if not present:
         reasons.append(f"{directory} is empty")
-
-    config: dict[str, Any] = {}
-    config_ok = False
-    if PEFT_CONFIG in found:
-        loaded, problem = read_json_object(found[PEFT_CONFIG])
-        problems = [problem] if problem else _config_problems(loaded or {})
-        if not problems:
-            try:
-                from peft import PeftConfig
-
-                PeftConfig.from_pretrained(str(directory))
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                problems.append(f"{PEFT_CONFIG} is not a config PEFT can read: {first[:300]}")
-        reasons.extend(problems)
-        config, config_ok = loaded or {}, not problems
-    elif PEFT_CONFIG not in present:
-        reasons.append(f"no {PEFT_CONFIG}")
-    meta: dict[str, Any] = {}
-    if ADAPTER_META in found:
-        loaded, problem = read_json_object(found[ADAPTER_META])
-        problems = [problem] if problem else _meta_problems(loaded or {})
-        reasons.extend(problems)
-        meta = loaded if loaded and not problems else {}
-
-    tensors: dict[str, Any] = {}
-    if WEIGHTS in found:
-        tensors, problems = read_safetensors_header(found[WEIGHTS])
-        if not tensors and not problems:
-            # PEFT loads such a file without complaint and serves the weights it initialised itself.
-            problems = [f"{WEIGHTS} holds no tensors: the adapter has no trained weights"]
-        reasons.extend(problems)
-        if PICKLED_WEIGHTS in present:
-            reasons.append(f"unexpected file {PICKLED_WEIGHTS} (pickled weights); remove it")
-    elif PICKLED_WEIGHTS in present:
-        reasons.append("the weights are a pickle (adapter_model.bin); save them as adapter_model.safetensors")
-    elif WEIGHTS not in present:
-        reasons.append(f"no {WEIGHTS}")
+    config, config_ok, problems = _read_config(directory, found, present)
+    reasons.extend(problems)
+    meta, problems = _read_meta(found)
+    reasons.extend(problems)
+    tensors, problems = _read_weights(found, present)
+    reasons.extend(problems)
 
     base_record: BaseRecord | None = None
     named = config.get("base_model_name_or_path")
@@ -525,48 +329,134 @@ def validate(
         if config_ok or PEFT_CONFIG not in found:  # else the unreadable config is the reason
             reasons.append("names no base model (adapter_config.json base_model_name_or_path); pass --base")
     else:
-        try:
-            fresh = None
-            if fingerprint is None:
-                fresh = base_record_for(wanted)
-                fingerprint = fresh.fingerprint
-            base_record = find_base(fingerprint)
-            if base_record is None:
-                registered = known_bases()
-                # A concurrent publish may have recorded this very base since find_base looked.
-                same = [b for b in registered if b.fingerprint == fingerprint]
-                if same:
-                    base_record = same[0]
-                elif registered:
-                    names = ", ".join(f"{b.name} ({b.fingerprint[:19]})" for b in registered)
-                    reasons.append(
-                        f"was trained on another base ({wanted}, {fingerprint[:19]}); "
-                        f"this registry serves {names}"
-                    )
-                else:
-                    # The first adapter of an empty registry defines its base.
-                    base_record = fresh or base_record_for(wanted)
-                    if base_record.fingerprint != fingerprint:
-                        reasons.append(f"the base {wanted} has changed since the adapter was trained on it")
-        except AdapterdeckError as exc:
-            reasons.append(f"cannot check the base model: {exc}")
+        base_record, problems = _match_base(wanted, fingerprint, find_base, known_bases)
+        reasons.extend(problems)
 
     peft_type = str(config.get("peft_type", ""))
+    usable = config_ok and peft_type == "LORA" and base_record is not None and bool(tensors)
+    served_by, problems = _served_by(
+        config, peft_type, meta, base_record if usable else None, tensors, max_rank
+    )
+    reasons.extend(problems)
+    if reasons or base_record is None:
+        raise PublishRefused(str(path), reasons or ["no base model could be determined"])
+    return _candidate(directory, listed, config, peft_type, meta, served_by, base_record, report or {})
+
+
+def _read_config(
+    directory: Path, found: dict[str, Path], present: set[str]
+) -> tuple[dict[str, Any], bool, list[str]]:
+    """adapter_config.json (empty when missing), whether PEFT can use it, and what is wrong with it."""
+    if PEFT_CONFIG not in found:
+        return {}, False, [] if PEFT_CONFIG in present else [f"no {PEFT_CONFIG}"]
+    loaded, problem = read_json_object(found[PEFT_CONFIG])
+    problems = [problem] if problem else _config_problems(loaded or {})
+    if not problems:
+        try:
+            from peft import PeftConfig
+
+            PeftConfig.from_pretrained(str(directory))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            problems.append(f"{PEFT_CONFIG} is not a config PEFT can read: {first[:300]}")
+    return loaded or {}, not problems, problems
+
+
+def _read_meta(found: dict[str, Path]) -> tuple[dict[str, Any], list[str]]:
+    """adapterdeck.json (empty when missing or wrong), and what is wrong with it."""
+    if ADAPTER_META not in found:
+        return {}, []
+    loaded, problem = read_json_object(found[ADAPTER_META])
+    problems = [problem] if problem else _meta_problems(loaded or {})
+    return (loaded if loaded and not problems else {}), problems
+
+
+def _read_weights(found: dict[str, Path], present: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The tensors of adapter_model.safetensors, and what is wrong with the weights."""
+    if WEIGHTS in found:
+        tensors, problems = read_safetensors_header(found[WEIGHTS])
+        if not tensors and not problems:
+            # PEFT loads such a file without complaint and serves the weights it initialised itself.
+            problems = [f"{WEIGHTS} holds no tensors: the adapter has no trained weights"]
+        if PICKLED_WEIGHTS in present:
+            problems.append(f"unexpected file {PICKLED_WEIGHTS} (pickled weights); remove it")
+        return tensors, problems
+    if PICKLED_WEIGHTS in present:
+        return {}, ["the weights are a pickle (adapter_model.bin); save them as adapter_model.safetensors"]
+    return {}, [] if WEIGHTS in present else [f"no {WEIGHTS}"]
+
+
+def _match_base(
+    wanted: str | None,
+    fingerprint: str | None,
+    find_base: Callable[[str], BaseRecord | None],
+    known_bases: Callable[[], list[BaseRecord]],
+) -> tuple[BaseRecord | None, list[str]]:
+    """The registry's record of the base the adapter names, or why it has none."""
+    try:
+        fresh = None
+        if fingerprint is None:
+            fresh = base_record_for(wanted)
+            fingerprint = fresh.fingerprint
+        record = find_base(fingerprint)
+        if record is not None:
+            return record, []
+        registered = known_bases()
+        # A concurrent publish may have recorded this very base since find_base looked.
+        same = [b for b in registered if b.fingerprint == fingerprint]
+        if same:
+            return same[0], []
+        if registered:
+            names = ", ".join(f"{b.name} ({b.fingerprint[:19]})" for b in registered)
+            return None, [
+                f"was trained on another base ({wanted}, {fingerprint[:19]}); this registry serves {names}"
+            ]
+        # The first adapter of an empty registry defines its base.
+        record = fresh or base_record_for(wanted)
+        if record.fingerprint != fingerprint:
+            return record, [f"the base {wanted} has changed since the adapter was trained on it"]
+        return record, []
+    except AdapterdeckError as exc:
+        return None, [f"cannot check the base model: {exc}"]
+
+
+def _served_by(
+    config: dict[str, Any],
+    peft_type: str,
+    meta: dict[str, Any],
+    lora_base: BaseRecord | None,
+    tensors: dict[str, Any],
+    max_rank: int,
+) -> tuple[list[str], list[str]]:
+    """The engines that serve the adapter, and what breaks it or what vLLM refuses of it.
+
+    ``lora_base`` is given when the adapter is a readable LoRA with weights for a known base: only
+    then are its tensors checked against that base and vLLM's rules.
+    """
     served_by = list(meta.get("served_by") or [])
-    if config_ok and peft_type == "LORA" and base_record is not None and tensors:
-        broken, lora = _lora_problems(config, tensors, base_record, max_rank)
-        reasons.extend(broken)
+    problems: list[str] = []
+    if lora_base is not None:
+        broken, lora = _lora_problems(config, tensors, lora_base, max_rank)
+        problems.extend(broken)
         if not served_by:  # a plain PEFT adapter: vLLM serves it if it follows vLLM's rules
             served_by = [ENGINE_PEFT] if lora else [ENGINE_VLLM, ENGINE_PEFT]
         elif ENGINE_VLLM in served_by:
-            reasons.extend(lora)
+            problems.extend(lora)
     elif ENGINE_VLLM in served_by and peft_type and peft_type != "LORA":
-        reasons.append(f"claims vLLM can serve it, but vLLM serves only LoRA adapters, not {peft_type}")
-    served_by = served_by or [ENGINE_PEFT]
+        problems.append(f"claims vLLM can serve it, but vLLM serves only LoRA adapters, not {peft_type}")
+    return served_by or [ENGINE_PEFT], problems
 
-    if reasons or base_record is None:
-        raise PublishRefused(str(path), reasons or ["no base model could be determined"])
-    report = report or {}
+
+def _candidate(
+    directory: Path,
+    listed: list[tuple[str, Path, int]],
+    config: dict[str, Any],
+    peft_type: str,
+    meta: dict[str, Any],
+    served_by: list[str],
+    base: BaseRecord,
+    report: dict[str, Any],
+) -> Candidate:
     data = report.get("data") or {}
     test = report.get("test") or {}
     return Candidate(
@@ -579,8 +469,8 @@ def validate(
         or {k: v for k, v in config.items() if isinstance(v, int | float | str | bool)},
         served_by=served_by,
         rank=int(config["r"]) if peft_type == "LORA" and "r" in config else None,
-        base=base_record,
-        size_bytes=size,
+        base=base,
+        size_bytes=sum(s for _, _, s in listed),
         dataset_sha256=data.get("sha256") or meta.get("data_sha256"),
         data_format=data.get("format") or meta.get("format"),
         metrics=test.get("metrics"),

@@ -11,8 +11,8 @@ from rich.console import Console
 
 if TYPE_CHECKING:
     from adapterdeck.registry import Registry
+    from adapterdeck.serve.finetune.local import LocalWorkers
     from adapterdeck.serve.settings import ServeSettings
-    from adapterdeck.serve.worker import LocalWorkers
 
 out = Console(soft_wrap=True)
 tenant_app = typer.Typer(help="Tenants and API keys.", no_args_is_help=True)
@@ -47,10 +47,10 @@ def serve(
     import uvicorn
 
     from adapterdeck.registry.private import private_dir, private_umask
-    from adapterdeck.serve.gateway import create_app
+    from adapterdeck.serve.app import create_app
+    from adapterdeck.serve.engines.process import check_vllm_port
     from adapterdeck.serve.httpguard import guarded_protocol
     from adapterdeck.serve.settings import load_serve_settings
-    from adapterdeck.serve.vllm_process import check_vllm_port
 
     private_umask()  # logs, uploads, vLLM's files: every tenant's data, readable by this user only
 
@@ -98,17 +98,12 @@ def serve(
 
 def _start_local_workers(settings: ServeSettings, registry: Registry) -> LocalWorkers | None:
     """``settings.finetune.workers`` fine-tuning workers on this machine, on the gateway's registry."""
-    from adapterdeck.serve.worker import LocalWorkers
+    from adapterdeck.serve.finetune.local import LocalWorkers
 
     if not settings.finetune.workers:
         return None
     location = registry.settings
-    env = {
-        "ADAPTERDECK_HOME": str(location.home),
-        "ADAPTERDECK_DATABASE_URL": location.resolved_database_url(),
-        "ADAPTERDECK_STORAGE_URL": location.resolved_storage_url(),
-    }
-    workers = LocalWorkers(settings, env, location.home.expanduser() / "logs")
+    workers = LocalWorkers(settings, location.child_env(), location.home.expanduser() / "logs")
     workers.start()
     out.print(f"{settings.finetune.workers} fine-tuning worker(s) started (logs: {workers.log_dir})")
     return workers
@@ -131,8 +126,9 @@ def worker(
     import signal
 
     from adapterdeck.registry.private import private_umask
+    from adapterdeck.serve.finetune.parent import die_with_parent
+    from adapterdeck.serve.finetune.worker import Worker
     from adapterdeck.serve.settings import WorkerSettings, load_serve_settings
-    from adapterdeck.serve.worker import Worker, die_with_parent
 
     die_with_parent()
     private_umask()  # tenants' training data and runs, readable by this user only

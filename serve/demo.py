@@ -65,9 +65,9 @@ def demo_run(
 ) -> None:
     """Build the base, train two tenants' adapters, publish, serve through vLLM, call them, shut down."""
     from adapterdeck.core.basemodel import BASE_NAMES, TINY, build_base_model, ensure_named_base
-    from adapterdeck.core.cli import RichReporter, _print_summary
     from adapterdeck.core.config import parse_config
     from adapterdeck.core.demo import TASKS, demo_config, demo_examples, write_demo_dataset
+    from adapterdeck.core.report import RichReporter, print_summary
     from adapterdeck.core.train import run_training
 
     if base not in BASE_NAMES:
@@ -93,7 +93,7 @@ def demo_run(
         )
         out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter")
         result = run_training(config, RichReporter(out), overwrite=True)
-        _print_summary(result.report, result.run_dir)
+        print_summary(result.report, result.run_dir, out)
         runs[f"{spec.tenant}/{task}"] = result.run_dir
         reports[f"{spec.tenant}/{task}"] = result.report
         del result

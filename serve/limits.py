@@ -1,4 +1,6 @@
-"""Per-tenant rate limits and quotas: requests per minute (a moving window) and concurrent requests.
+"""Per-tenant rate limits and quotas (requests per minute, a moving window, and concurrent
+requests), and the bounds on one request (its body's size; a completion's max_tokens, n and
+choices).
 
 Limits are kept in each gateway's memory: with several gateways behind a load balancer, each one
 enforces the limit on the traffic it sees. A request over a limit is answered with 429 and a
@@ -19,8 +21,8 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from adapterdeck.serve.errors import ApiError
-from adapterdeck.serve.settings import LimitSettings
+from adapterdeck.serve.errors import ApiError, bad_request
+from adapterdeck.serve.settings import LimitSettings, ServeSettings
 
 
 def rate_limited(message: str, retry_after: int) -> ApiError:
@@ -89,6 +91,51 @@ async def then(iterator: AsyncIterator[Any], callback: Callable[[], None]) -> As
             yield item
     finally:
         callback()
+
+
+def check_request(body: dict[str, Any], field: str, settings: ServeSettings) -> None:
+    """Refuse a completion without its ``field`` (``messages`` or ``prompt``), or one that would tie
+    an engine up: a huge max_tokens or n, a non-boolean stream, too many choices."""
+    if field not in body:
+        raise bad_request(f"'{field}' is required.", field)
+    _check_bounds(body, settings)
+    if field == "prompt":
+        _check_choices(body, settings)
+
+
+def _check_bounds(body: dict[str, Any], settings: ServeSettings) -> None:
+    limit = settings.max_tokens or settings.vllm.max_model_len
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad_request(f"'{name}' must be a positive integer.", name)
+        if limit is not None and value > limit:
+            raise bad_request(f"'{name}' is {value}; this server allows at most {limit}.", name)
+    if settings.max_tokens and not (body.get("max_tokens") or body.get("max_completion_tokens")):
+        body["max_tokens"] = settings.max_tokens  # the server's limit bounds an open request too
+    n, max_n = body.get("n"), settings.max_n
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= max_n):
+        raise bad_request(f"'n' must be an integer from 1 to {max_n}.", "n")
+    if not isinstance(body.get("stream", False), bool):
+        raise bad_request("'stream' must be true or false.", "stream")
+
+
+def _check_choices(body: dict[str, Any], settings: ServeSettings) -> None:
+    """A completion asks for prompts x n choices: at most ``max_choices``."""
+    prompt, n = body.get("prompt"), body.get("n") or 1
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        prompts = len(prompt)  # a list of prompts (texts or token lists); else one prompt
+    else:
+        prompts = 1
+    limit = settings.max_choices
+    if prompts * n > limit:
+        raise bad_request(
+            f"{prompts} prompts x n={n} asks for {prompts * n} choices; this server allows at most "
+            f"{limit} a request (max_choices).",
+            "prompt",
+        )
 
 
 class _TooLarge(Exception):

@@ -4,6 +4,7 @@ A/B experiment routed, by the experiment (its public name) and the variant (empt
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
@@ -65,6 +66,13 @@ class Metrics:
             ("experiment", "variant"),
             registry=self.registry,
         )
+
+    def count_usage(self, labels: tuple[str, ...], usage: dict[str, Any] | None) -> None:
+        """Count an answer's prompt and completion tokens (an answer without usage counts none)."""
+        if not usage:
+            return
+        self.prompt_tokens.labels(*labels).inc(usage.get("prompt_tokens") or 0)
+        self.completion_tokens.labels(*labels).inc(usage.get("completion_tokens") or 0)
 
     def view(self, tenant: str) -> TenantView:
         return TenantView(self.registry, tenant)

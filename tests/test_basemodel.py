@@ -40,9 +40,13 @@ def test_loads_in_transformers_and_generates(base_model: Path) -> None:
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    new = out[0, inputs["input_ids"].shape[1] :]
-    assert len(new) > 0
-    assert isinstance(tokenizer.decode(new, skip_special_tokens=True), str)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    assert out[0, : len(prompt_ids)].tolist() == prompt_ids  # the answer continues the prompt
+    new = out[0, len(prompt_ids) :]
+    answer = tokenizer.decode(new)
+    assert answer
+    # The generated ids decode to text that continues the prompt's exactly, byte for byte.
+    assert tokenizer.decode(out[0]) == prompt + answer
     # Byte-level BPE: any text round-trips.
     text = 'Grüße {"amount": 42.5} — ok'
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

@@ -26,7 +26,7 @@ from adapterdeck.core.demo import write_demo_dataset
 from adapterdeck.registry import InvalidRef, PublishRefused, Registry, RegistrySettings
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.db import write_transaction
-from adapterdeck.registry.tenants import _digest, create_key, revoke_key
+from adapterdeck.registry.tenants import create_key, key_digest, revoke_key
 
 from .conftest import free_port, run_cli
 from .gateway_helpers import GatewayProcess, start_gateway
@@ -221,7 +221,7 @@ def test_revoke_refuses_a_prefix_that_matches_nothing_and_says_what_length_is_ne
     with write_transaction(stack.registry.engine) as conn:
         conn.execute(
             t.api_keys.update()
-            .where(t.api_keys.c.key_sha256 == _digest(second))
+            .where(t.api_keys.c.key_sha256 == key_digest(second))
             .values(prefix=first[:PREFIX_LENGTH])
         )
     assert revoke_key(stack.registry, first) == 1
@@ -231,7 +231,7 @@ def test_revoke_refuses_a_prefix_that_matches_nothing_and_says_what_length_is_ne
                 t.api_keys.c.revoked_at.is_(None), t.api_keys.c.prefix == first[:PREFIX_LENGTH]
             )
         ).scalars()
-        assert list(active) == [_digest(second)]
+        assert list(active) == [key_digest(second)]
 
 
 # -- 9: "admin" is not a tenant name -----------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_a_key_made_for_a_tenant_named_admin_before_the_name_was_reserved_is_ref
         tenant_id = conn.execute(select(t.tenants.c.id).where(t.tenants.c.name == "admin")).scalar_one()
         conn.execute(
             t.api_keys.insert().values(
-                tenant_id=tenant_id, key_sha256=_digest(key), prefix=key[:PREFIX_LENGTH], role="tenant",
+                tenant_id=tenant_id, key_sha256=key_digest(key), prefix=key[:PREFIX_LENGTH], role="tenant",
                 created_at=now,
             )
         )  # fmt: skip
@@ -282,7 +282,7 @@ def test_a_key_made_for_a_tenant_named_admin_before_the_name_was_reserved_is_ref
         assert json.loads(reply.text)["error"]["message"]
     finally:
         with write_transaction(stack.registry.engine) as conn:
-            conn.execute(t.api_keys.delete().where(t.api_keys.c.key_sha256 == _digest(key)))
+            conn.execute(t.api_keys.delete().where(t.api_keys.c.key_sha256 == key_digest(key)))
             conn.execute(t.tenants.delete().where(t.tenants.c.name == "admin"))
 
 

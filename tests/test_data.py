@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,9 +212,13 @@ def test_split_is_seeded_exact_and_disjoint(tmp_path: Path) -> None:
 
     tiny = split_examples(examples[:3], (0.8, 0.1, 0.1))
     assert tiny.sizes() == {"train": 1, "validation": 1, "test": 1}
-    with pytest.raises(AdapterdeckError):
+    too_few = "2 example(s) are too few to split by [0.0, 0.5, 0.5]"
+    with pytest.raises(AdapterdeckError, match=re.escape(too_few)):
         split_examples(examples[:2], (0.0, 0.5, 0.5))
-    with pytest.raises(AdapterdeckError):
+    with pytest.raises(
+        AdapterdeckError,
+        match=re.escape("split ratios [0.5, 0.2, 0.2] must be three non-negative numbers summing to 1"),
+    ):
         split_examples(examples, (0.5, 0.2, 0.2))
     assert parse_ratios("80/10/10") == (0.8, 0.1, 0.1)
 

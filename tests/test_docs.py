@@ -1,21 +1,34 @@
-"""The plugin guide (docs/plugins.md) stays true to core/hookspecs.py; the example plugin works."""
+"""The docs stay true to the code: the plugin guide (docs/plugins.md) to core/hookspecs.py and to
+the imports it tells plugin authors to write; every setting and every command is documented; the
+example plugin works."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import inspect
 import re
 import textwrap
+import types
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from adapterdeck.core import evaluators, formats, hookspecs, methods
+from adapterdeck.core.config import RunConfig
+from adapterdeck.registry.settings import RegistrySettings
+from adapterdeck.serve.settings import ServeSettings, WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "plugins.md"
+README = ROOT / "README.md"
+OPERATIONS = ROOT / "docs" / "operations.md"
 TESTS = ROOT / "tests"
 EXAMPLE = ROOT / "examples" / "adapterdeck-sharegpt"
 
@@ -215,3 +228,191 @@ def test_example_registers_through_the_plugin_manager(
         assert {"chat", "alpaca"} <= set(cat.formats)
     finally:
         plugins.reset()
+
+
+# -- the imports plugin authors are told to write ------------------------------------------------
+
+
+def _author_imports() -> list[tuple[str, str, str]]:
+    """``(module, name, where)`` for every ``from adapterdeck... import name`` in the plugin guide's
+    code and the example plugins."""
+    sources = {str(DOC.relative_to(ROOT)): DOC.read_text(encoding="utf-8")}
+    for path in sorted((ROOT / "examples").glob("*/*.py")):
+        sources[str(path.relative_to(ROOT))] = path.read_text(encoding="utf-8")
+    found = []
+    for where, text in sources.items():
+        blocks = (
+            re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.M | re.S)
+            if where.endswith(".md")
+            else [("", text)]
+        )
+        for _, block in blocks:
+            code = textwrap.dedent(block)
+            if code.rstrip().endswith(":"):
+                code += "    ...\n"
+            for node in ast.walk(ast.parse(code)):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adapterdeck."):
+                    found.extend((node.module, alias.name, where) for alias in node.names)
+    return sorted(set(found))
+
+
+AUTHOR_IMPORTS = _author_imports()
+
+
+def test_plugin_authors_are_told_what_to_import() -> None:
+    assert ("adapterdeck.core", "hookimpl", "docs/plugins.md") in AUTHOR_IMPORTS
+    assert {module for module, _, _ in AUTHOR_IMPORTS} >= {
+        "adapterdeck.core.formats",
+        "adapterdeck.core.methods",
+        "adapterdeck.core.evaluators",
+        "adapterdeck.core.plugins",
+    }
+
+
+@pytest.mark.parametrize(("module", "name", "where"), AUTHOR_IMPORTS, ids=lambda v: str(v))
+def test_each_import_plugin_authors_write_works(module: str, name: str, where: str) -> None:
+    imported = importlib.import_module(module)
+    assert hasattr(imported, name), f"{where}: from {module} import {name}: {module} has no {name}"
+
+
+# -- every setting is documented ------------------------------------------------------------------
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (``X`` or ``X | None``), if it holds one."""
+    if typing.get_origin(annotation) in (types.UnionType, typing.Union):
+        held = [_model_of(a) for a in typing.get_args(annotation)]
+        return next((m for m in held if m is not None), None)
+    if typing.get_origin(annotation) is None and isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    return None
+
+
+def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """The dotted key of every value a config file sets, in nested models too (``data.mix.ratio``);
+    a mapping of models (``tenant_limits``) is one key."""
+    found = []
+    for name, field in model.model_fields.items():
+        nested = _model_of(field.annotation)
+        found.extend([prefix + name] if nested is None else config_keys(nested, f"{prefix}{name}."))
+    return found
+
+
+def config_groups(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """The dotted keys of the nested models themselves (``data.mix``), which a row may describe too."""
+    found: set[str] = set()
+    for name, field in model.model_fields.items():
+        nested = _model_of(field.annotation)
+        if nested is not None:
+            found |= {prefix + name, *config_groups(nested, f"{prefix}{name}.")}
+    return found
+
+
+def env_variables(settings: type[BaseModel]) -> list[str]:
+    prefix = settings.model_config.get("env_prefix", "")
+    return [f"{prefix}{name}".upper() for name in settings.model_fields]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A settings model and the table that documents it: a heading of README.md or docs/*.md."""
+
+    keys: list[str]
+    groups: set[str]
+    doc: Path
+    heading: str
+
+    def documented(self) -> set[str]:
+        """Every ``code`` span in the first column of the tables under the heading."""
+        text = self.doc.read_text(encoding="utf-8")
+        section = _sections(text, "###").get(self.heading)
+        assert section is not None, f"{self.where()} is missing"
+        keys: set[str] = set()
+        for line in section.splitlines():
+            if line.startswith("|") and not re.fullmatch(r"\|[-| ]+\|", line.strip()):
+                keys |= set(re.findall(r"`([^`]+)`", line.split("|")[1]))
+        return keys
+
+    def where(self) -> str:
+        return f"{self.doc.relative_to(ROOT)}, '### {self.heading}'"
+
+
+SETTINGS = {
+    "run config": Settings(config_keys(RunConfig), config_groups(RunConfig), README, "Run config"),
+    "serve.yaml": Settings(
+        config_keys(ServeSettings), config_groups(ServeSettings), OPERATIONS, "serve.yaml"
+    ),
+    "registry": Settings(env_variables(RegistrySettings), set(), OPERATIONS, "The registry's environment"),
+}
+
+
+def test_the_settings_are_found() -> None:
+    assert {"train.epochs", "data.mix.ratio", "method.name", "publish"} <= set(SETTINGS["run config"].keys)
+    serve = set(SETTINGS["serve.yaml"].keys)
+    assert {"vllm.port", "limits.requests_per_minute", "tenant_limits", "finetune.workdir"} <= serve
+    assert "ADAPTERDECK_HOME" in SETTINGS["registry"].keys
+    # `adapterdeck worker` reads the file `serve` reads.
+    assert config_keys(WorkerSettings) == SETTINGS["serve.yaml"].keys
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"), [(kind, key) for kind, s in SETTINGS.items() for key in s.keys], ids=lambda v: str(v)
+)
+def test_each_setting_is_documented(kind: str, key: str) -> None:
+    settings = SETTINGS[kind]
+    assert key in settings.documented(), f"{settings.where()} has no row for `{key}`"
+
+
+@pytest.mark.parametrize("kind", sorted(SETTINGS))
+def test_each_documented_setting_exists(kind: str) -> None:
+    settings = SETTINGS[kind]
+    unknown = settings.documented() - set(settings.keys) - settings.groups
+    assert unknown == set(), f"{settings.where()} documents settings that do not exist"
+
+
+# -- every command is documented ------------------------------------------------------------------
+
+
+def _commands() -> list[str]:
+    """Every command of ``adapterdeck``, with the plugins' (registry, serve, ...), as typed."""
+    import typer.main
+
+    from adapterdeck.core.cli import app
+
+    found = []
+
+    def walk(command: Any, path: str) -> None:
+        subcommands = getattr(command, "commands", None)
+        if subcommands is None:
+            if not command.hidden:
+                found.append(path)
+            return
+        for name, sub in sorted(subcommands.items()):
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "adapterdeck")
+    return found
+
+
+COMMANDS = _commands()
+
+
+def test_the_commands_are_found() -> None:
+    assert {
+        "adapterdeck train",
+        "adapterdeck registry publish",
+        "adapterdeck serve",
+        "adapterdeck worker",
+    } <= set(COMMANDS)
+    assert "adapterdeck experiment show" in COMMANDS and "adapterdeck registry base add" in COMMANDS
+
+
+@pytest.fixture(scope="module")
+def all_docs() -> str:
+    return "\n".join(p.read_text(encoding="utf-8") for p in [README, *sorted((ROOT / "docs").glob("*.md"))])
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_is_documented(all_docs: str, command: str) -> None:
+    written = re.compile(rf"(?<![\w.-]){re.escape(command)}(?![\w-])")
+    assert written.search(all_docs), f"neither README.md nor docs/*.md shows `{command}`"

@@ -111,9 +111,18 @@ def test_ia3_trains_and_reloads(ia3_site: Path, base_model: Path, tmp_path: Path
         with model.disable_adapter():
             base_logits = model(**inputs).logits
         assert not torch.allclose(tuned_logits, base_logits)
-        output = model.generate(
-            **inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    # Reloaded this way, it answers the run's test samples exactly as the tuned model did in the run.
+    assert len(report["samples"]) == config["eval"]["samples"]
+    for sample in report["samples"]:
+        asked = tokenizer.apply_chat_template(
+            sample["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    assert new_tokens.numel() > 0
-    assert isinstance(tokenizer.decode(new_tokens, skip_special_tokens=True), str)
+        with torch.no_grad():
+            output = model.generate(
+                **asked,
+                max_new_tokens=config["eval"]["max_new_tokens"],
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        new_tokens = output[0, asked["input_ids"].shape[1] :]
+        assert tokenizer.decode(new_tokens, skip_special_tokens=True).strip() == sample["tuned"], sample

@@ -20,7 +20,7 @@ from adapterdeck.registry.experiments import (
     BUCKETS,
     ExperimentError,
     Experiments,
-    _Stats,
+    Stats,
     compare,
     parse_candidate,
 )
@@ -137,8 +137,8 @@ def test_promote_and_stop_move_prod_and_end_the_experiment(store: Experiments) -
 
 
 def test_the_significance_test_and_the_verdict() -> None:
-    def stats(scores: list[float], requests: int = 0, errors: int = 0) -> _Stats:
-        s = _Stats(scores=list(scores))
+    def stats(scores: list[float], requests: int = 0, errors: int = 0) -> Stats:
+        s = Stats(scores=list(scores))
         s.requests, s.errors = max(requests, len(scores)), errors
         return s
 

@@ -28,8 +28,8 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.finetune import FineTuning
 from adapterdeck.registry.tenants import create_key
+from adapterdeck.serve.finetune.worker import Worker
 from adapterdeck.serve.settings import FineTuneSettings
-from adapterdeck.serve.worker import Worker
 
 from .conftest import free_port
 from .registry_helpers import postgres_database
@@ -382,7 +382,7 @@ def test_upload_fine_tune_and_call_the_model_with_the_openai_client(stack: Stack
     assert len(set(messages)) == 1
     # The owner's admin sees it; a finished job cannot be cancelled; the file can be deleted.
     assert stack.client("admin").fine_tuning.jobs.retrieve(job.id).status == "succeeded"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.ConflictError):
         acme.fine_tuning.jobs.cancel(job.id)
     assert acme.files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
@@ -412,7 +412,7 @@ def test_cancel_stops_a_running_job_within_10_seconds(stack: Stack) -> None:
     after = acme.fine_tuning.jobs.retrieve(job.id)
     assert after.status == "cancelled" and after.fine_tuned_model is None
     assert not [a for a in stack.registry.list("acme") if a["name"].startswith("ft-cancelme-")]
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.ConflictError):
         acme.fine_tuning.jobs.cancel(job.id)
 
 

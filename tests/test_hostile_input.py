@@ -35,8 +35,8 @@ from adapterdeck.registry import InvalidRef, PublishRefused, Registry, RegistryS
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.refs import Ref
 from adapterdeck.registry.tenants import create_key
-from adapterdeck.registry.validate import read_safetensors_header
-from adapterdeck.registry.vllm_resolver import AdapterdeckResolver
+from adapterdeck.registry.untrusted import read_safetensors_header
+from adapterdeck.serve.engines.resolver import AdapterdeckResolver
 
 from .conftest import free_port, run_cli
 from .gateway_helpers import start_gateway

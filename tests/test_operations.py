@@ -266,8 +266,8 @@ def test_the_isolation_matrix(setup: Setup, gateway: Gateway) -> None:
 def test_the_vllm_port_is_bound_to_loopback(setup: Setup, gateway: Gateway) -> None:
     # vLLM as the gateway starts it listens on 127.0.0.1 only (checked on the command it is given
     # here; the running process's socket in tests/test_serve.py::test_metrics_and_health).
+    from adapterdeck.serve.engines.process import VllmSupervisor
     from adapterdeck.serve.settings import ServeSettings
-    from adapterdeck.serve.vllm_process import VllmSupervisor
 
     command = VllmSupervisor(ServeSettings(base=str(setup.base)), {}, setup.root / "x.log").command()
     assert command[command.index("--host") + 1] == "127.0.0.1"

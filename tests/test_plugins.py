@@ -414,7 +414,7 @@ def test_an_unknown_method_names_the_plugins_that_failed_to_import(
 
 def test_unknown_names_get_a_did_you_mean(fresh_plugins: None) -> None:
     from adapterdeck.core.config import parse_config
-    from adapterdeck.serve.worker import check_job_config
+    from adapterdeck.serve.finetune.spec import check_job_config
 
     cat = catalog()
     with pytest.raises(

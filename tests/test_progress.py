@@ -20,8 +20,8 @@ from adapterdeck.core.demo import write_demo_dataset
 from adapterdeck.core.progress import StepLosses, epoch_ends
 from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.finetune import FineTuning
+from adapterdeck.serve.finetune.worker import Worker
 from adapterdeck.serve.settings import FineTuneSettings
-from adapterdeck.serve.worker import Worker
 
 from .conftest import run_cli
 

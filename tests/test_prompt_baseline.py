@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterdeck.core import train
+from adapterdeck.core import precision
 from adapterdeck.core.evaluate import (
     BASE,
     FEW_SHOT,
@@ -126,21 +126,21 @@ def test_the_prompted_base_and_own_probe_sets_are_scored(fresh_plugins: None, ba
 
 
 def test_auto_precision_uses_bf16_only_where_the_cpu_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: [])
-    plain = train.choose_precision("auto")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    plain = precision.choose_precision("auto")
     assert (plain.load, plain.autocast) == ("float32", None)
     assert "no native bf16" in plain.describe()
-    monkeypatch.setattr(train, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
-    fast = train.choose_precision("auto")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
+    fast = precision.choose_precision("auto")
     assert (fast.load, fast.autocast) == ("float32", "bfloat16")
     assert "amx_bf16" in fast.describe()
-    assert train.choose_precision("float32").autocast is None
-    forced = train.choose_precision("bfloat16")
+    assert precision.choose_precision("float32").autocast is None
+    forced = precision.choose_precision("bfloat16")
     assert (forced.load, forced.autocast) == ("float32", "bfloat16")
 
 
 def test_the_cpu_flags_are_read_from_this_machine() -> None:
-    flags = train.cpu_bf16_flags()
+    flags = precision.cpu_bf16_flags()
     assert set(flags) <= {"amx_bf16", "avx512_bf16"}
     text = Path("/proc/cpuinfo").read_text()
     assert ("amx_bf16" in flags) == (" amx_bf16" in text)

@@ -1,5 +1,5 @@
 """ASGI middleware for the vLLM server the gateway starts (``--middleware
-adapterdeck.serve.vllm_guard.EngineGuard``): only the gateway may reach the engine.
+adapterdeck.serve.engines.guard.EngineGuard``): only the gateway may reach the engine.
 
 vLLM's own ``--api-key`` (``VLLM_API_KEY``) guards only paths under ``/v1``, ``/v2``,
 ``/inference`` and ``/cohere``. vLLM 0.32 serves more than that: ``/invocations`` (a chat or

@@ -7,7 +7,7 @@ dies it is started again after a short backoff; while it is down, requests fail 
 
 Only the gateway may reach it: every start gets a new random API key (in vLLM's environment,
 ``VLLM_API_KEY``, never on its command line, which any user of the machine can read), which the
-gateway sends on every call, and ``EngineGuard`` (``serve/vllm_guard.py``) requires it on every
+gateway sends on every call, and ``EngineGuard`` (``guard.py``) requires it on every
 path but ``/health`` and refuses the runtime-loading routes outright.
 """
 
@@ -30,7 +30,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.serve.settings import ServeSettings
 
 logger = logging.getLogger("adapterdeck.serve")
-GUARD = "adapterdeck.serve.vllm_guard.EngineGuard"
+GUARD = "adapterdeck.serve.engines.guard.EngineGuard"
 LOG_TAIL_LINES = 20
 PORT_RETRY_SECONDS = 10.0
 

@@ -13,21 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
-from pathlib import Path
 from typing import Any
 
 RESOLVER_NAME = "adapterdeck"
 logger = logging.getLogger("adapterdeck.vllm_resolver")
-
-
-def cache_dir() -> Path:
-    explicit = os.environ.get("ADAPTERDECK_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    home = Path(os.environ.get("ADAPTERDECK_HOME", Path.home() / ".adapterdeck")).expanduser()
-    return home / "cache" / "adapters"
 
 
 class AdapterdeckResolver:
@@ -41,9 +31,11 @@ class AdapterdeckResolver:
     def _open(self) -> Any:
         with self._lock:
             if self._registry is None:
-                from adapterdeck.registry import Registry
+                from adapterdeck.registry import Registry, RegistrySettings
 
-                self._registry = Registry()
+                # The registry of the gateway that started vLLM: RegistrySettings.child_env()
+                # put it in this process's environment.
+                self._registry = Registry(RegistrySettings())
             return self._registry
 
     def _base_fingerprint(self, base_model_name: str) -> str:
@@ -80,7 +72,7 @@ class AdapterdeckResolver:
         if info.base_fingerprint != self._base_fingerprint(base_model_name):
             logger.warning("refusing %s: it was published for another base (%s)", lora_name, base_model_name)
             return None
-        cache = cache_dir()
+        cache = registry.settings.resolved_cache_dir()
         try:
             path = registry.materialize(info, cache)
         except AdapterdeckError as exc:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from adapterdeck.registry.cli import JsonFlag, _dump, _registry, options, out
+from adapterdeck.registry.cli import JsonFlag, dump, open_registry, options, out
 
 app = typer.Typer(
     help="A/B experiments: split tenant/name between adapter versions, compare, promote.",
@@ -22,9 +22,9 @@ Name = Annotated[str, typer.Argument(help="The public name clients call, tenant/
 
 
 def _store(ctx: typer.Context) -> Any:
-    from adapterdeck.registry.experiments import Experiments
+    from adapterdeck.registry.experiments.store import Experiments
 
-    return Experiments(_registry(ctx))
+    return Experiments(open_registry(ctx))
 
 
 def _print_definition(experiment: Any) -> None:
@@ -48,7 +48,7 @@ def create(
     shadow: Annotated[str | None, typer.Option(help="A variant that gets a copy of the traffic.")] = None,
 ) -> None:
     """Start an experiment: the control gets the traffic the candidates' weights leave."""
-    from adapterdeck.registry.experiments import parse_candidate
+    from adapterdeck.registry.experiments.model import parse_candidate
 
     candidates = [parse_candidate(c) for c in candidate]
     _print_definition(_store(ctx).create(name, control, candidates, shadow))
@@ -93,7 +93,7 @@ def list_(
     """Every experiment, running or ended."""
     rows = _store(ctx).list(tenant)
     if as_json:
-        _dump([e.to_dict() for e in rows])
+        dump([e.to_dict() for e in rows])
         return
     table = Table("id", "name", "status", "variants", "winner", "created", box=None, header_style="bold")
     for e in rows:
@@ -111,7 +111,7 @@ def show(ctx: typer.Context, name: Name, as_json: JsonFlag = False) -> None:
     """Each variant side by side, with a significance test on feedback and errors, and a verdict."""
     report = _store(ctx).report(name)
     if as_json:
-        _dump(report)
+        dump(report)
         return
     out.print(f"[bold]{report['name']}[/bold] experiment #{report['id']}: {report['status']}")
     variants = report["variants"]

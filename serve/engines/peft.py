@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from adapterdeck.core.basemodel import load_tokenizer, render_chat
 from adapterdeck.registry import Registry
-from adapterdeck.registry.vllm_resolver import cache_dir
 from adapterdeck.serve.metrics import Metrics
 from adapterdeck.serve.settings import ServeSettings
+from adapterdeck.serve.target import Outcome, Target
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -61,6 +63,16 @@ class PeftEngine:
             "batches": self.batches,
             "largest_batch": self.largest_batch,
         }
+
+    async def forward(self, path: str, body: dict[str, Any], target: Target, outcome: Outcome) -> Response:
+        """Answer a completion for ``target`` (a stream gets the answer as one chunk)."""
+        payload = await self.complete(path, body, target.name)
+        outcome.answered(payload)
+        if body.get("stream"):
+            return StreamingResponse(
+                self.as_stream(payload), media_type="text/event-stream", headers=target.headers
+            )
+        return JSONResponse(payload, headers=target.headers)
 
     async def complete(self, path: str, body: dict[str, Any], ref: str) -> dict[str, Any]:
         if self._worker is None or self._worker.done():
@@ -116,7 +128,8 @@ class PeftEngine:
         from peft import PeftModel
 
         started = time.monotonic()
-        target = self.registry.materialize(self.registry.show(ref), cache_dir())
+        cache = self.registry.settings.resolved_cache_dir()
+        target = self.registry.materialize(self.registry.show(ref), cache)
         name = "a" + hashlib.sha256(ref.encode()).hexdigest()[:16]
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(target), adapter_name=name)

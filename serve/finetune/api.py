@@ -2,9 +2,10 @@
 
 A training file is validated when it is uploaded, with the checks of ``adapterdeck data validate
 --base`` (the served base's tokenizer and context length); a bad file is refused with every bad
-line by number. A job names the served base as its ``model``; workers (``serve/worker.py``) run
-it. Another tenant's file, job or fine-tuned model gets the same 404 as a missing one. An admin
-key reads, cancels and deletes everyone's, but only a tenant creates files and jobs.
+line by number. A job names the served base as its ``model`` and is checked as a run config
+(``spec.py``) before it is queued; workers (``worker.py``) run it. Another tenant's file, job or
+fine-tuned model gets the same 404 as a missing one. An admin key reads, cancels and deletes
+everyone's, but only a tenant creates files and jobs.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.registry import NotFound, Registry
+from adapterdeck.registry import Conflict, NotFound, Registry
 from adapterdeck.registry.finetune import (
     PURPOSE_TRAINING,
     FileRecord,
@@ -32,82 +32,25 @@ from adapterdeck.registry.finetune import (
     epoch,
     resolve_fine_tuned,
 )
-from adapterdeck.registry.registry import Conflict
 from adapterdeck.registry.tenants import Principal
-from adapterdeck.serve.auth import Caller
-from adapterdeck.serve.auth import tenant_only as _tenant_only
-from adapterdeck.serve.errors import ApiError, bad_request, model_not_found
+from adapterdeck.serve.auth import Caller, tenant_only
+from adapterdeck.serve.errors import ApiError, api_error, bad_request, model_not_found
+from adapterdeck.serve.finetune.objects import (
+    Hyperparameters,
+    JobCreate,
+    checkpoint_object,
+    event_object,
+    file_object,
+    job_object,
+    page_object,
+)
+from adapterdeck.serve.finetune.spec import MIN_TRAINING_EXAMPLES, check_job_config
 from adapterdeck.serve.settings import ServeSettings
-from adapterdeck.serve.worker import MIN_TRAINING_EXAMPLES, check_job_config
 
 logger = logging.getLogger("adapterdeck.serve")
 router = APIRouter()
 CHUNK = 1 << 20
 SHOWN_ERRORS = 50
-
-
-# -- request bodies -----------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def _auto_or(kind: type, low: float, high: float) -> Any:
-    """A hyperparameter: "auto", or a number of ``kind`` in ``(low, high]`` (ints: ``[low, high]``)."""
-
-    def check(value: Any) -> Any:
-        if value == "auto":
-            return value
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and kind is int and float(value).is_integer() and low <= value <= high:
-            return int(value)
-        if number and kind is float and low < value <= high:
-            return float(value)
-        span = (
-            f"an integer from {low:g} to {high:g}"
-            if kind is int
-            else f"a number above {low:g}, at most {high:g}"
-        )
-        raise ValueError(f"expected 'auto' or {span}, got {value!r}")
-
-    return Annotated[Any, AfterValidator(check)]
-
-
-class Hyperparameters(_Strict):
-    n_epochs: _auto_or(int, 1, 100) = "auto"  # type: ignore[valid-type]
-    batch_size: _auto_or(int, 1, 256) = "auto"  # type: ignore[valid-type]
-    learning_rate_multiplier: _auto_or(float, 0, 100) = "auto"  # type: ignore[valid-type]
-
-
-class Supervised(_Strict):
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
-
-
-class Method(_Strict):
-    type: Literal["supervised"]
-    supervised: Supervised | None = None
-
-
-class AdapterdeckOptions(_Strict):
-    """adapterdeck's extension of a job: the method plugin, its parameters and the evaluators."""
-
-    method: str = "lora"
-    params: dict[str, Any] = Field(default_factory=dict)
-    evaluators: list[str] = Field(default_factory=lambda: ["loss", "exact_match"])
-
-
-class JobCreate(_Strict):
-    model: str
-    training_file: str
-    validation_file: str | None = None
-    suffix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
-    method: Method | None = None
-    hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = None
-    adapterdeck: AdapterdeckOptions = Field(default_factory=AdapterdeckOptions)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -123,8 +66,7 @@ def _fine_tuning(registry: Registry) -> FineTuning:
 
 
 def _state(request: Request) -> tuple[ServeSettings, FineTuning]:
-    gateway = request.app.state.gateway
-    return gateway.settings, _fine_tuning(gateway.registry)
+    return request.app.state.settings, _fine_tuning(request.app.state.registry)
 
 
 def _scope(who: Principal) -> str | None:
@@ -141,54 +83,6 @@ def _limit(value: int) -> int:
     if not 1 <= value <= 100:
         raise bad_request("'limit' must be between 1 and 100.", "limit")
     return value
-
-
-def file_object(record: FileRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "object": "file",
-        "bytes": record.bytes,
-        "created_at": epoch(record.created_at),
-        "filename": record.filename,
-        "purpose": record.purpose,
-        "status": "processed",
-        "status_details": None,
-        "expires_at": None,
-    }
-
-
-def job_object(job: JobRecord) -> dict[str, Any]:
-    hyper = {k: job.hyperparameters.get(k, "auto") for k in Hyperparameters.model_fields}
-    return {
-        "id": job.id,
-        "object": "fine_tuning.job",
-        "created_at": epoch(job.created_at),
-        "error": job.error,
-        "fine_tuned_model": job.fine_tuned_model,
-        "finished_at": epoch(job.finished_at),
-        "hyperparameters": hyper,
-        "model": job.model,
-        "organization_id": job.tenant,
-        "result_files": job.result_files,
-        "seed": job.seed,
-        "status": job.status,
-        "trained_tokens": job.trained_tokens,
-        "training_file": job.training_file,
-        "validation_file": job.validation_file,
-        "estimated_finish": epoch(job.estimated_finish),
-        "integrations": [],
-        "metadata": job.user_metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        "user_provided_suffix": job.suffix,
-        "adapterdeck": {
-            "method": job.adapter_method,
-            "evaluators": job.evaluators,
-            "attempts": job.attempts,
-            "max_attempts": job.max_attempts,
-            "adapter": job.adapter,
-            "ref": job.result_ref,
-        },
-    }
 
 
 @lru_cache(maxsize=4)
@@ -231,7 +125,7 @@ async def create_file(
     request: Request, who: Caller, file: UploadFile, purpose: Annotated[str, Form()]
 ) -> dict[str, Any]:
     settings, jobs = _state(request)
-    tenant = _tenant_only(who, "Files")
+    tenant = tenant_only(who, "Files")
     if purpose != PURPOSE_TRAINING:
         raise bad_request(f"purpose {purpose!r} is not supported here; use 'fine-tune'.", "purpose")
     limit = settings.finetune.max_file_bytes
@@ -276,14 +170,7 @@ async def list_files(
         )
     except NotFound:
         raise _not_found("file", after or "", "after") from None
-    data = [file_object(r) for r in page.items]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": page.has_more,
-    }
+    return page_object([file_object(r) for r in page.items], page.has_more, ids=True)
 
 
 async def _file(request: Request, who: Principal, file_id: str) -> FileRecord:
@@ -396,7 +283,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
 @router.post("/v1/fine_tuning/jobs")
 async def create_job(request: Request, who: Caller, body: JobCreate) -> dict[str, Any]:
     settings, jobs = _state(request)
-    tenant = _tenant_only(who, "Fine-tuning jobs")
+    tenant = tenant_only(who, "Fine-tuning jobs")
     return job_object(await asyncio.to_thread(_create_job, settings, jobs, tenant, body))
 
 
@@ -422,7 +309,7 @@ async def list_jobs(
         found = await asyncio.to_thread(page)
     except NotFound:
         raise _not_found("fine-tuning job", after or "", "after") from None
-    return {"object": "list", "data": [job_object(j) for j in found.items], "has_more": found.has_more}
+    return page_object([job_object(j) for j in found.items], found.has_more)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
@@ -440,7 +327,7 @@ async def cancel_job(request: Request, who: Caller, job_id: str) -> dict[str, An
         try:
             return jobs.cancel_job(job.id, _scope(who))
         except Conflict as exc:
-            raise ApiError(400, str(exc), "invalid_request_error", code="job_not_cancellable") from None
+            raise api_error(exc, code="job_not_cancellable") from None
 
     return job_object(await asyncio.to_thread(cancel))
 
@@ -456,19 +343,7 @@ async def list_events(
         return jobs.list_events(job.id, after=after, limit=_limit(limit))
 
     found = await asyncio.to_thread(page)
-    data = [
-        {
-            "id": e.public_id,
-            "object": "fine_tuning.job.event",
-            "created_at": epoch(e.created_at),
-            "level": e.level,
-            "message": e.message,
-            "data": e.data or {},
-            "type": e.type,
-        }
-        for e in found.items
-    ]
-    return {"object": "list", "data": data, "has_more": found.has_more}
+    return page_object([event_object(e) for e in found.items], found.has_more)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
@@ -482,26 +357,7 @@ async def list_checkpoints(
         return jobs.list_checkpoints(job.id, after=after, limit=_limit(limit))
 
     found = await asyncio.to_thread(page)
-    data = [
-        {
-            "id": c.public_id,
-            "object": "fine_tuning.job.checkpoint",
-            "created_at": epoch(c.created_at),
-            "fine_tuned_model_checkpoint": c.name,
-            "fine_tuning_job_id": c.job_id,
-            "metrics": {k: v for k, v in c.metrics.items() if v is not None},
-            "step_number": c.step,
-            "adapterdeck": {"ref": c.ref},
-        }
-        for c in found.items
-    ]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": found.has_more,
-    }
+    return page_object([checkpoint_object(c) for c in found.items], found.has_more, ids=True)
 
 
 # -- the gateway's hooks ------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """Fine-tuning workers: ``adapterdeck worker`` claims queued jobs from the registry and runs them.
 
-A worker takes one job at a time (see ``registry/finetune.py`` for claiming and leases). The
-training runs in a child process (``python -m adapterdeck.serve.worker SPEC``) that reports its
-progress as JSON lines on a pipe; the worker turns them into job events. A thread renews the
-job's lease every ``heartbeat_seconds``; when the renewal finds the job cancelled (or taken back
-after the lease ran out), the worker stops the child's process group at once, so a cancel takes
-effect within seconds and nothing of that job is published. The child dies with its worker (Linux
-parent-death signal), so a killed worker leaves no training behind: its job's lease runs out and
-any worker's sweep, or the gateway, requeues or fails it.
+A worker takes one job at a time (see ``registry/finetune`` for claiming and leases). The
+training runs in a child process (``python -m adapterdeck.serve.finetune.child SPEC``, see
+``child.py``) that reports its progress as JSON lines on a pipe; the worker turns them into job
+events. A thread renews the job's lease every ``heartbeat_seconds``; when the renewal finds the
+job cancelled (or taken back after the lease ran out), the worker stops the child's process group
+at once, so a cancel takes effect within seconds and nothing of that job is published. The child
+dies with its worker (Linux parent-death signal), so a killed worker leaves no training behind:
+its job's lease runs out and any worker's sweep, or the gateway, requeues or fails it.
 
 On success the worker publishes the run's checkpoints and then the final adapter as versions of
 ``tenant/ft-SUFFIX-ID`` and records the job's fine-tuned model name, which the gateway resolves to
@@ -31,300 +31,22 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from adapterdeck.core.errors import AdapterdeckError
-from adapterdeck.core.progress import StepLoss, StepLosses, epoch_ends
+from sqlalchemy.exc import SQLAlchemyError
+
 from adapterdeck.registry import NotFound, PublishRefused, Registry
-from adapterdeck.registry.finetune import (
-    PURPOSE_RESULTS,
-    FineTuning,
-    JobRecord,
-    NewCheckpoint,
-)
+from adapterdeck.registry.finetune import PURPOSE_RESULTS, FineTuning, JobRecord, NewCheckpoint
 from adapterdeck.registry.private import PRIVATE_UMASK, create_private, private_dir
-from adapterdeck.serve.settings import FineTuneSettings, ServeSettings
+from adapterdeck.serve.finetune.parent import PARENT_ENV
+from adapterdeck.serve.settings import FineTuneSettings
 
 logger = logging.getLogger("adapterdeck.worker")
-AUTO = "auto"
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 8
-MIN_TRAINING_EXAMPLES = 10
+CHILD = "adapterdeck.serve.finetune.child"  # the module the training child runs
 SOURCE = "fine-tuned"
 # Publishing (validating and storing the checkpoints and the adapter) holds the job this long at
 # least: a slow publish on a busy machine must not look like a dead worker.
 PUBLISH_LEASE_SECONDS = 300.0
-PARENT_ENV = "ADAPTERDECK_PARENT_PID"
-
-
-# -- the run a job asks for ---------------------------------------------------------------------
-
-
-def resolve_hyperparameters(requested: dict[str, Any], examples: int, default_lr: float) -> dict[str, Any]:
-    """Concrete values for ``n_epochs``, ``batch_size`` and ``learning_rate_multiplier`` ("auto" or not).
-
-    auto: 3 epochs; a batch of 8, or a tenth of the examples for smaller files; the method's own
-    learning rate (multiplier 1).
-    """
-    epochs = requested.get("n_epochs", AUTO)
-    batch = requested.get("batch_size", AUTO)
-    multiplier = requested.get("learning_rate_multiplier", AUTO)
-    return {
-        "n_epochs": DEFAULT_EPOCHS if epochs == AUTO else int(epochs),
-        "batch_size": min(DEFAULT_BATCH_SIZE, max(1, examples // 10)) if batch == AUTO else int(batch),
-        "learning_rate_multiplier": 1.0 if multiplier == AUTO else float(multiplier),
-        "learning_rate": default_lr * (1.0 if multiplier == AUTO else float(multiplier)),
-    }
-
-
-def run_config(
-    *,
-    base: str,
-    adapter_method: dict[str, Any],
-    evaluators: list[str],
-    hyperparameters: dict[str, Any],
-    seed: int,
-    train: Path,
-    validation: Path | None,
-    output: Path,
-) -> dict[str, Any]:
-    """The ``adapterdeck train`` run config of a job (``hyperparameters`` already resolved)."""
-    data: dict[str, Any] = {"train": str(train)}
-    if validation is not None:
-        data["validation"] = str(validation)
-    return {
-        "base": base,
-        "data": data,
-        "method": dict(adapter_method),
-        "train": {
-            "epochs": hyperparameters["n_epochs"],
-            "batch_size": hyperparameters["batch_size"],
-            "learning_rate": hyperparameters["learning_rate"],
-            "seed": seed,
-        },
-        "eval": {"evaluators": list(evaluators), "samples": 3},
-        "output": str(output),
-    }
-
-
-def check_job_config(
-    *, base: str, adapter_method: dict[str, Any], evaluators: list[str], hyperparameters: dict[str, Any]
-) -> None:
-    """Raise ``AdapterdeckError`` naming the key when the method, its parameters, the evaluators or
-    the hyperparameters would not make a valid run config."""
-    from adapterdeck.core.config import parse_config
-    from adapterdeck.core.plugins import catalog
-
-    name = adapter_method.get("name")
-    plugins = catalog()
-    if name not in plugins.methods:
-        raise AdapterdeckError(f"adapterdeck.method: {plugins.unknown('method', str(name), failures=False)}")
-    for i, evaluator in enumerate(evaluators):
-        if evaluator not in plugins.evaluators:
-            unknown = plugins.unknown("evaluator", evaluator, failures=False)
-            raise AdapterdeckError(f"adapterdeck.evaluators.{i}: {unknown}")
-    resolved = resolve_hyperparameters(hyperparameters, 100, plugins.method(str(name)).default_learning_rate)
-    config = run_config(
-        base=base,
-        adapter_method=adapter_method,
-        evaluators=evaluators,
-        hyperparameters=resolved,
-        seed=0,
-        train=Path("train.jsonl"),
-        validation=None,
-        output=Path("run"),
-    )
-    parse_config(config, "adapterdeck")
-
-
-# -- the training child -------------------------------------------------------------------------
-
-
-def die_with_parent() -> None:
-    """When started by a supervising process (``ADAPTERDECK_PARENT_PID``: ``serve`` or a worker), ask
-    Linux to SIGKILL this process when that parent dies; exit now if it already has. A worker
-    started by hand is left alone (its shell may well exit before it)."""
-    expected = os.environ.get(PARENT_ENV)
-    if not expected:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pipe to the worker breaks instead
-        pass
-    if os.getppid() != int(expected):
-        os._exit(1)
-
-
-class _Emitter:
-    """The child's side of the pipe: one JSON object per line."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.stream = stream
-
-    def __call__(self, kind: str, **fields: Any) -> None:
-        self.stream.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
-        self.stream.flush()
-
-
-class _JobReporter:
-    """Training progress as job events: stages, a metrics event per step a loss was logged at, each
-    epoch's losses. Every value carries the step it was logged at (see ``core/progress.py``), as
-    ``step_metrics.csv`` does."""
-
-    def __init__(self, emit: _Emitter, epochs: float) -> None:
-        self.emit = emit
-        self.epochs = epochs
-        self.total = 0
-        self.started = 0.0
-        self.step = 0
-        self.losses = StepLosses()
-        self.epoch_ends: list[int] = []
-        self.epochs_reported = 0
-
-    def stage(self, name: str) -> None:
-        self.emit("message", message=name[:1].upper() + name[1:])
-
-    def note(self, text: str) -> None:
-        self.emit("message", message=text)
-
-    def progress(self, what: str, done: int, total: int) -> None:
-        if done == total:
-            self.emit("message", message=f"Evaluation: {what} {done}/{total}")
-
-    def train_start(self, total_steps: int) -> None:
-        self.total, self.started = total_steps, time.monotonic()
-        self.epoch_ends = epoch_ends(total_steps, self.epochs)
-        self.emit("message", message=f"Training: {total_steps} steps, {self.epochs:g} epoch(s)")
-
-    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
-        self.step = step
-        for logged in self.losses.reached(step, loss, val_loss):
-            self._metrics(logged)
-        self._epochs()
-
-    def train_end(self) -> None: ...
-
-    def finish(self, training: dict[str, Any]) -> None:
-        """The run's report is written: report what was logged at the last step, and the last epoch."""
-        self.step = max(self.step, int(training.get("steps") or 0))
-        for logged in self.losses.finish(training):
-            self._metrics(logged)
-        self._epochs()
-
-    def _metrics(self, logged: StepLoss) -> None:
-        elapsed = time.monotonic() - self.started
-        step = self.step
-        finish = time.time() + elapsed / step * (self.total - step) if step and step < self.total else None
-        parts = [
-            f"{what} loss={_fmt(value)}"
-            for what, value in (("training", logged.train_loss), ("validation", logged.valid_loss))
-            if value is not None
-        ]
-        self.emit(
-            "metrics",
-            message=f"Step {logged.step}/{self.total}: {', '.join(parts)}",
-            data={
-                "step": logged.step,
-                "total_steps": self.total,
-                "train_loss": logged.train_loss,
-                "valid_loss": logged.valid_loss,
-            },
-            estimated_finish=finish,
-        )
-
-    def _epochs(self) -> None:
-        """Each epoch's summary once every value logged up to its last step is known."""
-        while (
-            self.epochs_reported < len(self.epoch_ends)
-            and self.epoch_ends[self.epochs_reported] <= self.losses.known_through
-        ):
-            end = self.epoch_ends[self.epochs_reported]
-            self.epochs_reported += 1
-            train, valid = self.losses.latest(end)
-            self.emit(
-                "message",
-                message=f"Epoch {self.epochs_reported}/{len(self.epoch_ends)}: training loss {_fmt(train)}, "
-                f"validation loss {_fmt(valid)}",
-                data={"epoch": self.epochs_reported, "step": end, "train_loss": train, "valid_loss": valid},
-            )
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _child(spec_path: str) -> int:
-    """Run one job's training from its spec; progress and errors go to the worker as JSON lines."""
-    die_with_parent()
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever libraries print goes to the log, not into the protocol
-    emit = _Emitter(protocol)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:
-        from adapterdeck.core.config import parse_config
-        from adapterdeck.core.plugins import catalog
-        from adapterdeck.core.train import run_training
-
-        spec = json.loads(Path(spec_path).read_text())
-        method = catalog().method(spec["adapter_method"]["name"])
-        resolved = resolve_hyperparameters(
-            spec["hyperparameters"], spec["examples"], method.default_learning_rate
-        )
-        emit("hyperparameters", data=resolved)
-        config = parse_config(
-            run_config(
-                base=spec["base"],
-                adapter_method=spec["adapter_method"],
-                evaluators=spec["evaluators"],
-                hyperparameters=resolved,
-                seed=spec["seed"],
-                train=Path(spec["train"]),
-                validation=Path(spec["validation"]) if spec.get("validation") else None,
-                output=Path(spec["output"]),
-            ),
-            f"job {spec['job_id']}",
-        )
-        reporter = _JobReporter(emit, resolved["n_epochs"])
-        result = run_training(config, reporter, overwrite=True)
-        training = result.report["training"]
-        reporter.finish(training)
-        if training["stop_reason"] == "early_stopping":
-            emit(
-                "message",
-                message=f"Stopped early at step {training['steps']} of {training['planned_steps']}: "
-                f"the validation loss stopped improving; best step {training['best_step']}",
-            )
-        test = result.report.get("test")
-        if test:
-            parts = [
-                f"{name} {_fmt(m['base']['value'])}"
-                + (f" ({_fmt(m['base_few_shot']['value'])} few-shot)" if "base_few_shot" in m else "")
-                + f" -> {_fmt(m['tuned']['value'])}"
-                for name, m in test["metrics"].items()
-            ]
-            emit(
-                "message",
-                message=f"Evaluated on {test['examples']} test examples (base -> tuned): " + ", ".join(parts),
-                data=test["metrics"],
-            )
-            if test.get("verdict"):
-                emit("message", message=f"Prompt baseline: {test['verdict']}")
-        return 0
-    except AdapterdeckError as exc:
-        emit("error", code="invalid_training_run", message=str(exc))
-        return 2
-    except Exception as exc:
-        import traceback
-
-        traceback.print_exc()
-        emit("error", code="training_failed", message=f"{type(exc).__name__}: {exc}")
-        return 1
-
-
-# -- the worker ---------------------------------------------------------------------------------
 
 
 class JobError(Exception):
@@ -409,8 +131,11 @@ class Worker:
                         logger.warning("job %s: its worker stopped heartbeating; now %s", job_id, status)
                     next_sweep = time.monotonic() + max(1.0, self.settings.lease_seconds / 3)
                 job = self.jobs.claim_next(self.worker_id, self.settings.lease_seconds, self.models)
-            except Exception as exc:
+            except SQLAlchemyError as exc:
                 logger.warning("cannot reach the registry database: %s", exc)
+                job = None
+            except Exception:
+                logger.exception("cannot sweep or claim fine-tuning jobs")
                 job = None
             if job is None:
                 self._stop.wait(self.settings.poll_seconds)
@@ -501,7 +226,7 @@ class Worker:
         env = {**os.environ, PARENT_ENV: str(os.getpid()), "TOKENIZERS_PARALLELISM": "false"}
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "adapterdeck.serve.worker", str(spec)],
+                [sys.executable, "-m", CHILD, str(spec)],
                 stdout=subprocess.PIPE,
                 stderr=log,
                 env=env,
@@ -674,86 +399,3 @@ def _step_metrics(report: dict[str, Any]) -> bytes:
     for step in sorted(rows):
         writer.writerow([step, *("" if v is None else v for v in rows[step])])
     return out.getvalue().encode()
-
-
-# -- local workers of `adapterdeck serve` ---------------------------------------------------------
-
-
-class LocalWorkers:
-    """``adapterdeck serve``'s own workers: ``adapterdeck worker`` processes, restarted if they die."""
-
-    def __init__(self, settings: ServeSettings, env: dict[str, str], log_dir: Path) -> None:
-        self.settings = settings
-        self.env = env
-        self.log_dir = log_dir
-        self.processes: list[subprocess.Popen | None] = [None] * settings.finetune.workers
-        self.restarts = 0
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "adapterdeck.core.cli",
-            "worker",
-            "--settings-json",
-            self.settings.model_dump_json(),
-        ]
-
-    def start(self) -> None:
-        private_dir(self.log_dir)
-        for index in range(len(self.processes)):
-            thread = threading.Thread(
-                target=self._supervise, args=(index,), name=f"worker-{index}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def _supervise(self, index: int) -> None:
-        backoff = 1.0
-        while not self._stopping.is_set():
-            env = {**os.environ, **self.env, PARENT_ENV: str(os.getpid())}
-            log_path = self.log_dir / f"worker-{index}.log"
-            create_private(log_path)
-            with log_path.open("ab") as log:
-                proc = subprocess.Popen(
-                    self.command(),
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    start_new_session=True,
-                    umask=PRIVATE_UMASK,
-                )
-            self.processes[index] = proc
-            started = time.monotonic()
-            logger.info("fine-tuning worker %d started (pid %d)", index, proc.pid)
-            code = proc.wait()
-            if self._stopping.is_set():
-                return
-            self.restarts += 1
-            backoff = 1.0 if time.monotonic() - started > 60 else min(60.0, backoff * 2)
-            logger.warning("fine-tuning worker %d exited with %s; restarting in %.0f s", index, code, backoff)
-            self._stopping.wait(backoff)
-
-    def stop(self) -> None:
-        """SIGTERM every worker (each puts its running job back in the queue), then wait."""
-        self._stopping.set()
-        for proc in self.processes:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-        deadline = time.monotonic() + self.settings.finetune.stop_grace_seconds + 20
-        for proc in self.processes:
-            if proc is None:
-                continue
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-
-if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))

@@ -1,0 +1,203 @@
+"""A/B experiments: a public name ``tenant/name`` split between variants, sticky per user.
+
+An experiment has a control, one or more weighted candidates (versions of adapters of the same
+tenant, or the base) and optionally a shadow that gets a copy of the traffic but never answers.
+
+Assignment: ``bucket = sha256(experiment id : user id) mod 10,000``, and every variant owns a set
+of bucket ranges. Weights are percentages of traffic; the control gets what the candidates leave.
+A weight change moves buckets only from variants that shrink to variants that grow (the fewest
+users possible), so raising a candidate's weight moves users into it from the control and never
+between two variants whose weights stayed the same.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.errors import NotFound
+from adapterdeck.registry.schema import EXPERIMENT_PROMOTED, EXPERIMENT_RUNNING, EXPERIMENT_STOPPED
+
+BUCKETS = 10_000
+BASE = "base"
+RUNNING, STOPPED, PROMOTED = EXPERIMENT_RUNNING, EXPERIMENT_STOPPED, EXPERIMENT_PROMOTED
+CONTROL, CANDIDATE, SHADOW = "control", "candidate", "shadow"
+THUMBS = {"up": 1.0, "down": 0.0}
+
+
+class ExperimentError(AdapterdeckError):
+    """A bad experiment definition or change."""
+
+
+@dataclass
+class Variant:
+    name: str  # "v4" for a version of the experiment's adapter, "base", or "other@2"
+    ref: str | None  # the immutable ref served; None for the base
+    role: str
+    weight: float = 0.0  # percent of traffic (0 for the shadow)
+    buckets: list[list[int]] = field(default_factory=list)  # [start, end) ranges
+
+    @property
+    def share(self) -> int:
+        return sum(end - start for start, end in self.buckets)
+
+
+@dataclass
+class Experiment:
+    id: int
+    adapter: str  # the public name, tenant/name
+    status: str
+    variants: list[Variant]
+    shadow: Variant | None
+    winner: str | None
+    created_by: str
+    created_at: str
+    updated_at: str
+    ended_at: str | None
+    _table: list[tuple[int, Variant]] = field(default_factory=list, repr=False)
+    _starts: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def tenant(self) -> str:
+        return self.adapter.split("/", 1)[0]
+
+    @property
+    def control(self) -> Variant:
+        return self.variants[0]
+
+    def variant(self, text: str) -> Variant:
+        """A variant by its name (``v4``, ``base``) or its ref (``acme/support@4``)."""
+        wanted = f"v{text[1:]}" if text.startswith("@") else text
+        for variant in [*self.variants, *([self.shadow] if self.shadow else [])]:
+            if wanted in (variant.name, variant.ref):
+                return variant
+        names = ", ".join(v.name for v in self.variants)
+        raise NotFound(f"experiment {self.adapter} has no variant {text!r} (variants: {names})")
+
+    def bucket(self, user: str | None) -> int:
+        if not user:
+            return random.randrange(BUCKETS)
+        digest = hashlib.sha256(f"{self.id}:{user}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % BUCKETS
+
+    def assign(self, user: str | None) -> Variant:
+        """The variant that serves ``user``: the same one for as long as the weights allow."""
+        if not self._table:  # every bucket is owned: the range holding a bucket starts at or before it
+            self._table = sorted(((start, v) for v in self.variants for start, _ in v.buckets), key=_first)
+            self._starts = [start for start, _ in self._table]
+        return self._table[bisect.bisect_right(self._starts, self.bucket(user)) - 1][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        def one(v: Variant) -> dict[str, Any]:
+            return {**asdict(v), "traffic": round(v.share / BUCKETS * 100, 2)}
+
+        return {
+            "id": self.id,
+            "name": self.adapter,
+            "status": self.status,
+            "control": self.control.name,
+            "variants": [one(v) for v in self.variants],
+            "shadow": one(self.shadow) if self.shadow else None,
+            "winner": self.winner,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "ended_at": self.ended_at,
+        }
+
+
+def _first(item: tuple[int, Variant]) -> int:
+    return item[0]
+
+
+def _merge(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if end <= start:
+            continue
+        if out and out[-1][1] == start:
+            out[-1][1] = end
+        else:
+            out.append([start, end])
+    return out
+
+
+def _release(ranges: list[list[int]], n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Give up ``n`` buckets from the top of ``ranges``: (kept, released)."""
+    kept, released = [list(r) for r in ranges], []
+    while n > 0:
+        start, end = kept[-1]
+        take = min(n, end - start)
+        released.append([end - take, end])
+        if take == end - start:
+            kept.pop()
+        else:
+            kept[-1][1] = end - take
+        n -= take
+    return kept, released
+
+
+def _take(pool: list[list[int]], n: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Take ``n`` buckets from the bottom of ``pool``: (taken, rest)."""
+    rest, taken = [list(r) for r in pool], []
+    while n > 0:
+        start, end = rest[0]
+        take = min(n, end - start)
+        taken.append([start, start + take])
+        if take == end - start:
+            rest.pop(0)
+        else:
+            rest[0][0] = start + take
+        n -= take
+    return taken, rest
+
+
+def rebalance(variants: list[Variant]) -> None:
+    """Give every variant its share of the buckets, moving as few as possible.
+
+    The first variant is the control and gets what the others' weights leave.
+    """
+    targets = [round(v.weight * BUCKETS / 100) for v in variants[1:]]
+    if sum(targets) > BUCKETS:
+        total = sum(v.weight for v in variants[1:])
+        raise ExperimentError(f"the candidates' weights add up to {total:g}%, more than 100%")
+    targets.insert(0, BUCKETS - sum(targets))
+    variants[0].weight = round(100 - sum(v.weight for v in variants[1:]), 2)
+    # The buckets nobody owns: all of them for a new experiment, none once it has started.
+    pool, cursor = [], 0
+    for start, end in sorted(r for v in variants for r in v.buckets):
+        pool.append([cursor, start])
+        cursor = max(cursor, end)
+    pool = _merge([*pool, [cursor, BUCKETS]])  # _merge drops the empty ranges
+    for variant, target in zip(variants, targets, strict=True):
+        surplus = variant.share - target
+        if surplus > 0:
+            variant.buckets, released = _release(variant.buckets, surplus)
+            pool = _merge([*pool, *released])
+    for variant, target in zip(variants, targets, strict=True):
+        missing = target - variant.share
+        if missing > 0:
+            taken, pool = _take(pool, missing)
+            variant.buckets = _merge([*variant.buckets, *taken])
+
+
+def check_weight(weight: float) -> None:
+    """Refuse a weight that is not a percentage (NaN, infinite, negative, above 100)."""
+    if not isinstance(weight, int | float) or not math.isfinite(weight) or not 0 <= weight <= 100:
+        raise ExperimentError(f"a weight is a percentage from 0 to 100, got {weight!r}")
+
+
+def parse_candidate(text: str) -> tuple[str, float]:
+    """``REF=WEIGHT`` from the command line."""
+    spec, sep, weight = text.rpartition("=")
+    try:
+        if not sep or not spec:
+            raise ValueError
+        return spec, float(weight)
+    except ValueError:
+        raise ExperimentError(f"{text!r}: expected REF=WEIGHT, for example v4=10") from None

@@ -1,0 +1,67 @@
+"""Fine-tuning in the registry: uploaded files, jobs, their events and checkpoints, and the names
+of fine-tuned models. ``FineTuning`` is the one entry point; the modules are its parts."""
+
+from adapterdeck.registry.db import Page
+from adapterdeck.registry.finetune.jobs import FineTuning, resolve_fine_tuned
+from adapterdeck.registry.finetune.names import (
+    ACTIVE,
+    CANCELLED,
+    CHECKPOINT_PREFIX,
+    EVENT_PREFIX,
+    FAILED,
+    FILE_PREFIX,
+    FINISHED,
+    JOB_PREFIX,
+    PURPOSE_RESULTS,
+    PURPOSE_TRAINING,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    VALIDATING,
+    VALIDATION_TIMEOUT,
+    adapter_name,
+    epoch,
+    fine_tuned_name,
+    named_tenant,
+    new_id,
+    short_id,
+)
+from adapterdeck.registry.finetune.records import (
+    CheckpointRecord,
+    EventRecord,
+    FileRecord,
+    JobRecord,
+    NewCheckpoint,
+)
+
+__all__ = [
+    "ACTIVE",
+    "CANCELLED",
+    "CHECKPOINT_PREFIX",
+    "EVENT_PREFIX",
+    "FAILED",
+    "FILE_PREFIX",
+    "FINISHED",
+    "JOB_PREFIX",
+    "PURPOSE_RESULTS",
+    "PURPOSE_TRAINING",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "VALIDATING",
+    "VALIDATION_TIMEOUT",
+    "CheckpointRecord",
+    "EventRecord",
+    "FileRecord",
+    "FineTuning",
+    "JobRecord",
+    "NewCheckpoint",
+    "Page",
+    "adapter_name",
+    "epoch",
+    "fine_tuned_name",
+    "named_tenant",
+    "new_id",
+    "resolve_fine_tuned",
+    "short_id",
+]

@@ -1,0 +1,195 @@
+"""Version records: what a version is, and the statements that find versions.
+
+Resolving is the hot path of serving: its statements are built once, with bind parameters. Listing
+takes two queries whatever the number of adapters (every ``/v1/models`` lists them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, bindparam, select
+
+import adapterdeck.registry.schema as t
+from adapterdeck.registry.db import iso
+
+
+@dataclass
+class VersionInfo:
+    ref: str
+    tenant: str
+    name: str
+    version: int
+    base: str
+    base_fingerprint: str
+    peft_type: str
+    method: str
+    params: dict[str, Any]
+    served_by: list[str]
+    rank: int | None
+    dataset_sha256: str | None
+    data_format: str | None
+    metrics: dict[str, Any] | None
+    chat_template_sha256: str | None
+    size_bytes: int
+    source: str
+    created_at: str
+    library_versions: dict[str, Any] | None
+    manifest_sha256: str
+    aliases: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_VERSION_COLUMNS = (
+    t.versions.c.id,
+    t.versions.c.version,
+    t.versions.c.manifest_sha256,
+    t.versions.c.peft_type,
+    t.versions.c.method,
+    t.versions.c.params,
+    t.versions.c.served_by,
+    t.versions.c.rank,
+    t.versions.c.dataset_sha256,
+    t.versions.c.data_format,
+    t.versions.c.metrics,
+    t.versions.c.chat_template_sha256,
+    t.versions.c.size_bytes,
+    t.versions.c.source,
+    t.versions.c.created_at,
+    t.versions.c.library_versions,
+    t.tenants.c.name.label("tenant"),
+    t.adapters.c.name.label("adapter"),
+    t.bases.c.name.label("base"),
+    t.bases.c.fingerprint.label("base_fingerprint"),
+)
+VERSION_FROM = (
+    t.versions.join(t.adapters, t.adapters.c.id == t.versions.c.adapter_id)
+    .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
+    .join(t.bases, t.bases.c.id == t.versions.c.base_id)
+)
+
+
+_SAME_ADAPTER = and_(t.tenants.c.name == bindparam("tenant"), t.adapters.c.name == bindparam("name"))
+BY_VERSION = (
+    select(*_VERSION_COLUMNS)
+    .select_from(VERSION_FROM)
+    .where(_SAME_ADAPTER, t.versions.c.version == bindparam("version"))
+)
+BY_ALIAS = (
+    select(*_VERSION_COLUMNS)
+    .select_from(
+        VERSION_FROM.join(
+            t.aliases,
+            # adapter_id too, so the lookup uses the aliases primary key instead of a scan.
+            and_(t.aliases.c.adapter_id == t.adapters.c.id, t.aliases.c.version_id == t.versions.c.id),
+        )
+    )
+    .where(_SAME_ADAPTER, t.aliases.c.alias == bindparam("alias"))
+)
+NEWEST = (
+    select(*_VERSION_COLUMNS)
+    .select_from(VERSION_FROM)
+    .where(_SAME_ADAPTER)
+    .order_by(t.versions.c.version.desc())
+    .limit(1)
+)
+
+
+def version_info(row: Row) -> VersionInfo:
+    return VersionInfo(
+        ref=f"{row.tenant}/{row.adapter}@{row.version}",
+        tenant=row.tenant,
+        name=row.adapter,
+        version=row.version,
+        base=row.base,
+        base_fingerprint=row.base_fingerprint,
+        peft_type=row.peft_type,
+        method=row.method,
+        params=row.params,
+        served_by=row.served_by,
+        rank=row.rank,
+        dataset_sha256=row.dataset_sha256,
+        data_format=row.data_format,
+        metrics=row.metrics,
+        chat_template_sha256=row.chat_template_sha256,
+        size_bytes=row.size_bytes,
+        source=row.source,
+        created_at=iso(row.created_at),
+        library_versions=row.library_versions,
+        manifest_sha256=row.manifest_sha256,
+    )
+
+
+def experiments_serving(conn: Connection, ref: str) -> list[str]:
+    """The public names whose running experiment serves ``ref`` (as a variant or the shadow).
+
+    Read from the experiments table itself: every caller of ``delete`` (CLI, HTTP, Python) gets the
+    check inside its own write transaction, and the registry needs none of the experiments' code.
+    """
+    rows = conn.execute(
+        select(t.tenants.c.name.label("tenant"), t.adapters.c.name.label("adapter"), t.experiments.c.variants)
+        .select_from(
+            t.experiments.join(t.adapters, t.adapters.c.id == t.experiments.c.adapter_id).join(
+                t.tenants, t.tenants.c.id == t.adapters.c.tenant_id
+            )
+        )
+        .where(t.experiments.c.status == t.EXPERIMENT_RUNNING)
+        .order_by(t.experiments.c.id)
+    ).all()
+    return [
+        f"{row.tenant}/{row.adapter}"
+        for row in rows
+        if any(v.get("ref") == ref for v in [*row.variants["variants"], row.variants.get("shadow") or {}])
+    ]
+
+
+def adapter_listing(conn: Connection, tenant: str | None) -> list[dict[str, Any]]:
+    """Every adapter (of one tenant, or all) that has a version: its versions and aliases."""
+    v, a = t.versions.c, t.aliases.c
+    versions = (
+        select(
+            t.tenants.c.name.label("tenant"),
+            t.adapters.c.name.label("adapter"),
+            v.adapter_id,
+            v.version,
+            v.method,
+            v.served_by,
+        )
+        .select_from(VERSION_FROM)
+        .order_by(t.tenants.c.name, t.adapters.c.name, v.version)
+    )
+    aliases = (
+        select(a.adapter_id, a.alias, v.version)
+        .select_from(
+            t.aliases.join(t.versions, v.id == a.version_id)
+            .join(t.adapters, t.adapters.c.id == a.adapter_id)
+            .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
+        )
+        .order_by(a.adapter_id, a.alias)
+    )
+    if tenant is not None:
+        versions = versions.where(t.tenants.c.name == tenant)
+        aliases = aliases.where(t.tenants.c.name == tenant)
+    pointing: dict[int, dict[str, int]] = {}
+    for row in conn.execute(aliases):
+        pointing.setdefault(row.adapter_id, {})[row.alias] = row.version
+    grouped: dict[int, list[Row]] = {}
+    for row in conn.execute(versions):
+        grouped.setdefault(row.adapter_id, []).append(row)
+    return [
+        {
+            "adapter": f"{rows[0].tenant}/{rows[0].adapter}",
+            "tenant": rows[0].tenant,
+            "name": rows[0].adapter,
+            "versions": [r.version for r in rows],
+            "latest": rows[-1].version,
+            "method": rows[-1].method,
+            "served_by": rows[-1].served_by,
+            "aliases": pointing.get(adapter_id, {}),
+        }
+        for adapter_id, rows in grouped.items()
+    ]

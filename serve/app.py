@@ -1,0 +1,185 @@
+"""The gateway's app: ``create_app`` starts (and stops) the engines, installs the error answers
+and the middleware, and holds every route: the completions (``serve/gateway.py`` serves them),
+health, metrics, models and adapters, and the experiment and fine-tuning APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.core.formats import shown
+from adapterdeck.registry import Registry
+from adapterdeck.registry.untrusted import file_name_problem
+from adapterdeck.serve import errors, openai_schema
+from adapterdeck.serve.auth import AdminCaller, Caller, UploadGuard
+from adapterdeck.serve.engines.process import VllmSupervisor
+from adapterdeck.serve.errors import api_error, bad_request, model_not_found
+from adapterdeck.serve.experiments import api as experiments_api
+from adapterdeck.serve.finetune import api as finetune_api
+from adapterdeck.serve.gateway import Gateway
+from adapterdeck.serve.limits import BodyLimit
+from adapterdeck.serve.settings import ServeSettings
+
+
+class AliasBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1, le=2**31 - 1, description="the version the alias should point at")
+
+
+def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None = None) -> FastAPI:
+    """The gateway app; it starts (and stops) its own vLLM unless ``settings.vllm.url`` names one."""
+    supervisor = None
+    if not settings.vllm.url:
+        log = (log_dir or Path(tempfile.gettempdir())) / f"adapterdeck-vllm-{settings.vllm.port}.log"
+        supervisor = VllmSupervisor(settings, registry.settings.child_env(), log)
+    gateway = Gateway(settings, registry, supervisor)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.traffic.start()
+        await gateway.vllm.open()
+        try:
+            yield
+        finally:
+            await gateway.traffic.close()
+            if gateway.peft is not None:
+                gateway.peft.close()
+            await gateway.vllm.close()
+
+    app = FastAPI(title="adapterdeck", version="1", lifespan=lifespan)
+    app.state.keys = gateway.keys  # the Caller dependency's
+    app.state.settings, app.state.registry = settings, registry  # the fine-tuning API's
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes, uploads=settings.max_upload_bytes)
+    app.add_middleware(UploadGuard, keys=gateway.keys)  # outermost: no body is read before the key
+    errors.install(app)
+    app.include_router(_status_routes(gateway))
+    app.include_router(_inference_routes(gateway))
+    app.include_router(_adapter_routes(registry))
+    app.include_router(experiments_api.router(gateway.traffic, gateway.metrics))
+    app.include_router(finetune_api.router)
+    return app
+
+
+async def health_report(gateway: Gateway) -> dict[str, Any]:
+    """Every engine's state, the database's and the running experiments'."""
+    vllm = await gateway.vllm.health()
+    peft = gateway.peft.health() if gateway.peft is not None else {"status": "idle", "adapters": 0}
+    database_ok = await gateway.database.check(gateway.registry)
+    ok = vllm["status"] == "ready" and database_ok
+    return {
+        "status": "ok" if ok else "degraded",
+        "gateway": "ok",
+        "database": "ok" if database_ok else "unreachable",
+        "engines": {"vllm": vllm, "peft": peft},
+        "experiments": {"running": len(gateway.traffic.running)},
+    }
+
+
+def _status_routes(gateway: Gateway) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        # Every detail for an admin key, only the status for anyone else.
+        report = await health_report(gateway)
+        shown_report = report if await gateway.keys.is_admin(request) else {"status": report["status"]}
+        return JSONResponse(shown_report, status_code=200 if report["status"] == "ok" else 503)
+
+    @api.get("/metrics")
+    async def metrics(who: Caller) -> Response:
+        # A tenant sees only its own series: other tenants' adapter names never show.
+        view = gateway.metrics.registry if who.is_admin else gateway.metrics.view(who.tenant or "")
+        return Response(generate_latest(view), media_type=CONTENT_TYPE_LATEST)
+
+    return api
+
+
+def _inference_routes(gateway: Gateway) -> APIRouter:
+    api = APIRouter()
+    registry, settings = gateway.registry, gateway.settings
+
+    @api.get("/v1/models")
+    async def models(who: Caller) -> dict[str, Any]:
+        rows = await asyncio.to_thread(registry.list, None if who.is_admin else who.tenant)
+        data = [{"id": settings.base_name(), "object": "model", "created": 0, "owned_by": "adapterdeck"}]
+        for row in rows:
+            names = [row["adapter"], *(f"{row['adapter']}@{v}" for v in row["versions"])]
+            names += [f"{row['adapter']}:{a}" for a in sorted(row["aliases"])]
+            data += [{"id": n, "object": "model", "created": 0, "owned_by": row["tenant"]} for n in names]
+        data += await asyncio.to_thread(finetune_api.fine_tuned_models, registry, who)
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/chat/completions", openapi_extra=openai_schema.body(openai_schema.CHAT_COMPLETION))
+    async def chat(request: Request, who: Caller) -> Response:
+        return await gateway.completion("/v1/chat/completions", request, who)
+
+    @api.post("/v1/completions", openapi_extra=openai_schema.body(openai_schema.COMPLETION))
+    async def completions(request: Request, who: Caller) -> Response:
+        return await gateway.completion("/v1/completions", request, who)
+
+    return api
+
+
+async def _staged(ref: str, files: list[UploadFile], directory: Path) -> None:
+    """Write the uploaded files into ``directory`` under the names as sent: a path or a second
+    file of the same name is refused, never cut down to a plain name (it would silently replace a
+    file)."""
+    seen: set[str] = set()
+    for upload in files:
+        filename = upload.filename or ""
+        problem = file_name_problem(filename)
+        if problem is None and filename.startswith("."):
+            problem = f"hidden file {shown(filename)}"
+        if problem is None and filename in seen:
+            problem = f"file {shown(filename)} is uploaded twice"
+        if problem is not None:
+            raise bad_request(f"cannot publish {ref}: {problem}", "files")
+        seen.add(filename)
+        (directory / filename).write_bytes(await upload.read())
+
+
+def _adapter_routes(registry: Registry) -> APIRouter:
+    api = APIRouter()
+
+    @api.get("/v1/adapters")
+    async def adapters(who: Caller) -> dict[str, Any]:
+        rows = await asyncio.to_thread(registry.list, None if who.is_admin else who.tenant)
+        return {"object": "list", "data": rows}
+
+    @api.get("/v1/adapters/{tenant}/{name}")
+    async def adapter(tenant: str, name: str, who: Caller) -> dict[str, Any]:
+        if not who.may_use(tenant):
+            raise model_not_found(f"{tenant}/{name}")
+        info = await asyncio.to_thread(registry.show, f"{tenant}/{name}")
+        history = await asyncio.to_thread(registry.alias_history, f"{tenant}/{name}")
+        return {**info.to_dict(), "alias_history": history}
+
+    @api.post("/v1/adapters/{tenant}/{name}/versions", status_code=201)
+    async def publish(
+        tenant: str, name: str, files: list[UploadFile], _: AdminCaller, alias: str | None = None
+    ) -> dict[str, Any]:
+        ref = f"{tenant}/{name}"
+        with tempfile.TemporaryDirectory() as tmp:
+            await _staged(ref, files, Path(tmp))
+            try:
+                info = await asyncio.to_thread(registry.publish, tmp, ref, alias=alias)
+            except AdapterdeckError as exc:  # name the adapter, not the server's temporary directory
+                raise api_error(exc, str(exc).replace(tmp, ref)) from None
+        return info.to_dict()
+
+    @api.put("/v1/adapters/{tenant}/{name}/aliases/{alias}")
+    async def move_alias(tenant: str, name: str, alias: str, body: AliasBody, _: AdminCaller) -> Any:
+        info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, body.version)
+        return info.to_dict()
+
+    return api

@@ -1,0 +1,139 @@
+"""The running A/B experiments of a gateway, and the recorder of the requests they route.
+
+The gateway keeps every running experiment in memory and, every ``INTERVAL`` seconds, re-reads them
+from the registry database (so a change made anywhere, the CLI or another gateway, is live within
+a second; a change made through this gateway's own API is live at once) and writes the requests
+served since in one batch (feedback on a response not yet written flushes first). When the
+database cannot be reached the last known experiments keep routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.exc import SQLAlchemyError
+
+from adapterdeck.registry import Registry
+from adapterdeck.registry.experiments import Experiment, Experiments, Variant
+from adapterdeck.serve.outage import DatabaseStatus
+from adapterdeck.serve.target import Outcome
+
+logger = logging.getLogger("adapterdeck.serve.experiments")
+INTERVAL = 0.25
+SHADOW_CONCURRENCY = 16
+MAX_PENDING = 100_000
+USER_HEADER = "x-user-id"
+
+
+def user_id(body: dict[str, Any], request: Request) -> str | None:
+    """Who the caller is, for sticky assignment: ``user``, else ``X-User-Id``, else the API key."""
+    user = body.get("user")
+    if isinstance(user, str) and user:
+        return f"user:{user}"
+    header = request.headers.get(USER_HEADER)
+    if header:
+        return f"user:{header}"
+    key = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return "key:" + hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
+class Traffic:
+    """Running experiments (refreshed from the database) and the recorder of their requests."""
+
+    def __init__(self, registry: Registry, database: DatabaseStatus) -> None:
+        self.store = Experiments(registry)
+        self.database = database
+        self.running: dict[str, Experiment] = {}
+        self.pending: list[dict[str, Any]] = []
+        self.shadow_slots = asyncio.Semaphore(SHADOW_CONCURRENCY)
+        self.shadow_tasks: set[asyncio.Task[Any]] = set()
+        self._unreadable = False
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        if self.shadow_tasks:
+            await asyncio.wait(self.shadow_tasks, timeout=30)
+        await self.flush()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(INTERVAL)
+            await self.refresh()
+            await self.flush()
+
+    async def refresh(self) -> None:
+        """Re-read the running experiments; on failure keep routing with the last known."""
+        try:
+            running = await asyncio.to_thread(self.store.running)
+        except SQLAlchemyError as exc:
+            self.database.failed(exc)
+            return
+        except Exception as exc:
+            if not self._unreadable:
+                logger.warning("cannot read experiments (routing with the last known): %s", exc)
+            self._unreadable = True
+            return
+        self.database.answered()
+        self.running, self._unreadable = running, False
+
+    def lookup(self, adapter: str) -> Experiment | None:
+        return self.running.get(adapter)
+
+    def note(self, row: dict[str, Any]) -> None:
+        if len(self.pending) < MAX_PENDING:
+            self.pending.append({**row, "at": datetime.now(UTC)})
+
+    def record(
+        self,
+        experiment: Experiment,
+        variant: Variant,
+        outcome: Outcome,
+        status: int,
+        seconds: float,
+        *,
+        shadow: bool = False,
+        output: str | None = None,
+    ) -> None:
+        """Note a request ``variant`` served (written with the next flush)."""
+        usage = outcome.usage or {}
+        self.note(
+            {
+                "response_id": outcome.response_id or f"failed-{uuid.uuid4().hex}",
+                "experiment_id": experiment.id,
+                "variant": variant.name,
+                "shadow": int(shadow),
+                "status": status,
+                "latency_ms": round(seconds * 1000),
+                "prompt_tokens": usage.get("prompt_tokens") or 0,
+                "completion_tokens": usage.get("completion_tokens") or 0,
+                "output": output,
+            }
+        )
+
+    def has_pending(self, response_id: str) -> bool:
+        return any(r["response_id"] == response_id for r in self.pending)
+
+    async def flush(self) -> None:
+        rows, self.pending = self.pending, []
+        if not rows:
+            return
+        try:
+            await asyncio.to_thread(self.store.record, rows)
+        except Exception as exc:
+            logger.warning("cannot record %d experiment requests (will retry): %s", len(rows), exc)
+            self.pending = (rows + self.pending)[:MAX_PENDING]

@@ -1,0 +1,92 @@
+"""A fine-tuning job as a training run: its hyperparameters resolved ("auto" or not) and the
+``adapterdeck train`` run config it stands for. The HTTP API checks a job with it before queueing
+it (``check_job_config``); the training child builds its run from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from adapterdeck.core.errors import AdapterdeckError
+
+AUTO = "auto"
+DEFAULT_EPOCHS = 3
+DEFAULT_BATCH_SIZE = 8
+MIN_TRAINING_EXAMPLES = 10
+
+
+def resolve_hyperparameters(requested: dict[str, Any], examples: int, default_lr: float) -> dict[str, Any]:
+    """Concrete values for ``n_epochs``, ``batch_size`` and ``learning_rate_multiplier`` ("auto" or not).
+
+    auto: 3 epochs; a batch of 8, or a tenth of the examples for smaller files; the method's own
+    learning rate (multiplier 1).
+    """
+    epochs = requested.get("n_epochs", AUTO)
+    batch = requested.get("batch_size", AUTO)
+    multiplier = requested.get("learning_rate_multiplier", AUTO)
+    return {
+        "n_epochs": DEFAULT_EPOCHS if epochs == AUTO else int(epochs),
+        "batch_size": min(DEFAULT_BATCH_SIZE, max(1, examples // 10)) if batch == AUTO else int(batch),
+        "learning_rate_multiplier": 1.0 if multiplier == AUTO else float(multiplier),
+        "learning_rate": default_lr * (1.0 if multiplier == AUTO else float(multiplier)),
+    }
+
+
+def run_config(
+    *,
+    base: str,
+    adapter_method: dict[str, Any],
+    evaluators: list[str],
+    hyperparameters: dict[str, Any],
+    seed: int,
+    train: Path,
+    validation: Path | None,
+    output: Path,
+) -> dict[str, Any]:
+    """The ``adapterdeck train`` run config of a job (``hyperparameters`` already resolved)."""
+    data: dict[str, Any] = {"train": str(train)}
+    if validation is not None:
+        data["validation"] = str(validation)
+    return {
+        "base": base,
+        "data": data,
+        "method": dict(adapter_method),
+        "train": {
+            "epochs": hyperparameters["n_epochs"],
+            "batch_size": hyperparameters["batch_size"],
+            "learning_rate": hyperparameters["learning_rate"],
+            "seed": seed,
+        },
+        "eval": {"evaluators": list(evaluators), "samples": 3},
+        "output": str(output),
+    }
+
+
+def check_job_config(
+    *, base: str, adapter_method: dict[str, Any], evaluators: list[str], hyperparameters: dict[str, Any]
+) -> None:
+    """Raise ``AdapterdeckError`` naming the key when the method, its parameters, the evaluators or
+    the hyperparameters would not make a valid run config."""
+    from adapterdeck.core.config import parse_config
+    from adapterdeck.core.plugins import catalog
+
+    name = adapter_method.get("name")
+    plugins = catalog()
+    if name not in plugins.methods:
+        raise AdapterdeckError(f"adapterdeck.method: {plugins.unknown('method', str(name), failures=False)}")
+    for i, evaluator in enumerate(evaluators):
+        if evaluator not in plugins.evaluators:
+            unknown = plugins.unknown("evaluator", evaluator, failures=False)
+            raise AdapterdeckError(f"adapterdeck.evaluators.{i}: {unknown}")
+    resolved = resolve_hyperparameters(hyperparameters, 100, plugins.method(str(name)).default_learning_rate)
+    config = run_config(
+        base=base,
+        adapter_method=adapter_method,
+        evaluators=evaluators,
+        hyperparameters=resolved,
+        seed=0,
+        train=Path("train.jsonl"),
+        validation=None,
+        output=Path("run"),
+    )
+    parse_config(config, "adapterdeck")
