@@ -416,3 +416,49 @@ def all_docs() -> str:
 def test_each_command_is_documented(all_docs: str, command: str) -> None:
     written = re.compile(rf"(?<![\w.-]){re.escape(command)}(?![\w-])")
     assert written.search(all_docs), f"neither README.md nor docs/*.md shows `{command}`"
+
+
+# -- docs/architecture.md: the map names every module, and only modules that exist ---------------
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+LAYERS = ("core", "plugins", "registry", "serve")
+
+
+def _modules_on_disk() -> set[str]:
+    found = set()
+    for layer in LAYERS:
+        for path in (ROOT / layer).rglob("*.py"):
+            relative = path.relative_to(ROOT)
+            if path.name != "__init__.py" and "migrations" not in relative.parts:
+                found.add(relative.as_posix())
+    return found
+
+
+def _modules_on_the_map() -> set[str]:
+    """Every module the "Every module" section names: ``name.py`` in a layer's paragraph, and in a
+    bullet that starts with a subfolder (``- `experiments/`: ...``) under that subfolder."""
+    section = ARCHITECTURE.read_text().split("## Every module", 1)[1].split("\n## ", 1)[0]
+    named, layer, folder = set(), None, ""
+    for line in section.splitlines():
+        start = re.match(r"`(\w+)/`:", line)
+        if start and start.group(1) in LAYERS:
+            layer, folder = start.group(1), ""
+        bullet = re.match(r"- `(\w+)/`:", line)
+        if bullet:
+            folder = bullet.group(1) + "/"
+        elif line.startswith("- "):
+            folder = ""
+        for name in re.findall(r"`(\w+\.py)`", line):
+            named.add(f"{layer}/{folder}{name}")
+    return named
+
+
+def test_the_architecture_page_names_every_module() -> None:
+    missing = sorted(_modules_on_disk() - _modules_on_the_map())
+    assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def test_the_architecture_page_names_only_modules_that_exist() -> None:
+    paths = set(re.findall(r"`((?:core|plugins|registry|serve)/[\w/]+\.py)`", ARCHITECTURE.read_text()))
+    gone = sorted((_modules_on_the_map() | paths) - _modules_on_disk())
+    assert not gone, f"docs/architecture.md names modules that do not exist: {gone}"

@@ -7,10 +7,6 @@ machine could, and through the gateway.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +20,7 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port
-from .gateway_helpers import start_gateway
+from .gateway_helpers import health_ok, launch, start_gateway, wait_ready
 from .registry_helpers import make_lora
 
 pytestmark = pytest.mark.vllm
@@ -77,37 +73,20 @@ def serving(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             }
         )
     )
-    log = work / "serve.log"
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-        "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512",
-        "--served-name", "tiny", "--dtype", "float32", "--workers", "0", "--config", str(config),
+    args = [
+        "--base", base_model, "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512",
+        "--served-name", "tiny", "--dtype", "float32", "--workers", "0", "--config", config,
     ]  # fmt: skip
-    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    env = {"ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    process = launch("serve", args, env, work / "serve.log")
     url = f"http://127.0.0.1:{port}"
     admin = {"Authorization": f"Bearer {keys['admin']}"}
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"serve did not get ready:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_ready(process, url, health_ok, timeout=600, interval=1, request_timeout=5)
         vllm = httpx.get(f"{url}/health", headers=admin, timeout=10).json()["engines"]["vllm"]
-        yield Serving(url, vllm["url"], vllm["pid"], base_model, home, keys, work, log)
+        yield Serving(url, vllm["url"], vllm["pid"], base_model, home, keys, work, process.log)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        process.stop(timeout=60)
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -32,6 +32,7 @@ from adapterdeck.serve.finetune.worker import Worker
 from adapterdeck.serve.settings import FineTuneSettings
 
 from .conftest import free_port
+from .gateway_helpers import launch, wait_ready
 from .registry_helpers import postgres_database
 
 LABELS = {"positive", "negative", "mixed"}
@@ -88,28 +89,24 @@ def stack(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 "max_attempts": 2, "max_file_bytes": 2_000_000}  # fmt: skip
     config.write_text(yaml.safe_dump({"finetune": finetune}))
     port, vllm_port = free_port(), free_port()
-    log = root / "serve.log"
-    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-        "--config", str(config), "--port", str(port), "--vllm-port", str(vllm_port),
+    env = {"ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [
+        "--base", base_model, "--config", config, "--port", str(port), "--vllm-port", str(vllm_port),
         "--max-model-len", "512", "--served-name", "tiny", "--dtype", "float32",
     ]  # fmt: skip
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    stack = Stack(f"http://127.0.0.1:{port}", registry, FineTuning(registry), keys, proc, log, root)
+    process = launch("serve", args, env, root / "serve.log")
+    stack = Stack(
+        f"http://127.0.0.1:{port}", registry, FineTuning(registry), keys, process.proc, process.log, root
+    )
     try:
         # Only the gateway: vLLM finishes starting while the first job trains.
-        _wait(
-            lambda: httpx.get(f"{stack.url}/health", timeout=5).status_code in (200, 503), 120, "gateway", log
-        )
+        wait_ready(
+            process, stack.url, lambda reply: reply.status_code in (200, 503),
+            timeout=120, interval=0.25, request_timeout=5, what="gateway",
+        )  # fmt: skip
         yield stack
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        process.stop(timeout=90)
         registry.close()
 
 

@@ -11,11 +11,8 @@ tests see exactly what the gateway sends to its engine.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +33,7 @@ from adapterdeck.registry.finetune import fine_tuned_name
 from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port, run_cli
-from .gateway_helpers import GatewayProcess, start_gateway
+from .gateway_helpers import GatewayProcess, launch, start_gateway
 
 ENGINE_KEY = "engine-key-for-the-tests"
 HEAD_TIMEOUT = 2.0
@@ -483,25 +480,17 @@ def test_vllm_exiting_during_start_up_shows_the_end_of_its_log(base_model: Path,
     config = tmp_path / "serve.yaml"
     config.write_text(json.dumps({"vllm": {"extra_args": ["--no-such-vllm-flag"], "restart_backoff": 60}}))
     log = tmp_path / "serve.log"
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-        "--port", str(free_port()), "--vllm-port", str(free_port()), "--workers", "0",
-        "--config", str(config),
+    args = [
+        "--base", base_model, "--port", str(free_port()), "--vllm-port", str(free_port()), "--workers", "0",
+        "--config", config,
     ]  # fmt: skip
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "ADAPTERDECK_HOME": str(tmp_path / "home")},
-        )
+    process = launch("serve", args, {"ADAPTERDECK_HOME": str(tmp_path / "home")}, log)
     try:
         deadline = time.monotonic() + 300
         while "during start-up" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(1)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        process.stop(timeout=60)
     text = log.read_text()
     assert "vLLM exited with 2 during start-up; the last lines of" in text, text[-3000:]
     after = text.split("during start-up", 1)[1]

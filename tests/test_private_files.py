@@ -10,10 +10,7 @@ over HTTP, on a real SQLite registry.
 from __future__ import annotations
 
 import os
-import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +25,7 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port, run_cli
-from .gateway_helpers import start_gateway
+from .gateway_helpers import launch, start_gateway
 from .registry_helpers import make_lora
 
 
@@ -102,11 +99,7 @@ def test_everything_in_the_home_is_private(base_model: Path, tmp_path: Path, uma
     settings.write_text(yaml.safe_dump({"finetune": {"poll_seconds": 0.5, "heartbeat_seconds": 0.5}}))
     watcher = _Watcher(home)
     watcher.start()
-    with (tmp_path / "worker.out").open("w") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "adapterdeck.core.cli", "worker", "--config", str(settings)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True,
-        )  # fmt: skip
+    worker = launch("worker", ["--config", settings], env, tmp_path / "worker.out")
     try:
         data = write_demo_dataset(tmp_path / "reviews.jsonl", task="sentiment", n=30, seed=4)
         with httpx.Client(
@@ -138,12 +131,7 @@ def test_everything_in_the_home_is_private(base_model: Path, tmp_path: Path, uma
             assert status == "succeeded", (tmp_path / "worker.out").read_text()[-3000:]
     finally:
         try:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+            worker.stop(timeout=60)
         finally:
             gateway.stop()
             seen = watcher.stop()
@@ -186,16 +174,12 @@ def test_serve_writes_vllm_s_log_and_its_own_private(
     create_key(registry, "acme")
     registry.close()
     port, vllm_port = free_port(), free_port()
-    with (tmp_path / "serve.out").open("w") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-                "--port", str(port), "--vllm-port", str(vllm_port), "--workers", "1",
-                "--max-model-len", "512", "--dtype", "float32",
-            ],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ADAPTERDECK_HOME": str(home)},
-            start_new_session=True,
-        )  # fmt: skip
+    args = [
+        "--base", base_model, "--port", str(port), "--vllm-port", str(vllm_port), "--workers", "1",
+        "--max-model-len", "512", "--dtype", "float32",
+    ]  # fmt: skip
+    serve = launch("serve", args, {"ADAPTERDECK_HOME": str(home)}, tmp_path / "serve.out")
+    proc = serve.proc
     logs = [home / "logs" / f"adapterdeck-vllm-{vllm_port}.log", home / "logs" / "worker-0.log"]
     try:
         deadline = time.monotonic() + 120
@@ -204,10 +188,5 @@ def test_serve_writes_vllm_s_log_and_its_own_private(
             assert time.monotonic() < deadline, (tmp_path / "serve.out").read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        serve.stop(timeout=90)
     assert _not_private(_modes(home)) == []

@@ -7,16 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import yaml
@@ -31,6 +26,7 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port, run_cli
+from .gateway_helpers import health_ok, launch, wait_ready
 
 pytestmark = pytest.mark.real_base
 
@@ -206,36 +202,18 @@ def served(real_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     config = root / "serve.yaml"
     config.write_text(yaml.safe_dump({"finetune": {"workers": 1, "poll_seconds": 0.5}}))
     port, vllm_port = free_port(), free_port()
-    log = root / "serve.log"
-    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(real_base),
-        "--config", str(config), "--port", str(port), "--vllm-port", str(vllm_port),
+    env = {"ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [
+        "--base", real_base, "--config", config, "--port", str(port), "--vllm-port", str(vllm_port),
         "--max-model-len", "1024", "--served-name", "smollm2", "--dtype", "float32",
     ]  # fmt: skip
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    stack = RealStack(f"http://127.0.0.1:{port}", registry, keys, log, root)
-    deadline = time.monotonic() + 900
+    process = launch("serve", args, env, root / "serve.log")
+    stack = RealStack(f"http://127.0.0.1:{port}", registry, keys, process.log, root)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{stack.url}/health", timeout=2).json().get("status") == "ok":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"not ready in 900 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
+        wait_ready(process, stack.url, health_ok, timeout=900, interval=1, request_timeout=2)
         yield stack
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        process.stop(timeout=90)
         registry.close()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
 
 from .conftest import free_port
+from .gateway_helpers import health_ok, launch, wait_ready
 from .registry_helpers import make_lora
 
 pytestmark = pytest.mark.vllm
@@ -105,15 +105,12 @@ def serving(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "admin": create_key(registry, None),
     }
     port, vllm_port = free_port(), free_port()
-    log = root / "serve.log"
-    env = {**os.environ, "ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    cmd = [
-        sys.executable, "-m", "adapterdeck.core.cli", "serve", "--base", str(base_model),
-        "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512", "--served-name", "tiny",
-        "--dtype", "float32",
+    env = {"ADAPTERDECK_HOME": str(home), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    args = [
+        "--base", base_model, "--port", str(port), "--vllm-port", str(vllm_port), "--max-model-len", "512",
+        "--served-name", "tiny", "--dtype", "float32",
     ]  # fmt: skip
-    with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    process = launch("serve", args, env, root / "serve.log")
     serving = Serving(
         f"http://127.0.0.1:{port}",
         f"http://127.0.0.1:{vllm_port}",
@@ -121,18 +118,17 @@ def serving(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         base_model,
         keys,
         adapters,
-        proc,
-        log,
+        process.proc,
+        process.log,
     )
     try:
-        _wait(lambda: serving.health()["status"] == "ok", 600, "the gateway and vLLM ready", log)
+        wait_ready(
+            process, serving.url, health_ok, timeout=600, interval=1, request_timeout=10,
+            headers={"Authorization": f"Bearer {keys['admin']}"}, what="the gateway and vLLM",
+        )  # fmt: skip
         yield serving
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        process.stop(timeout=60)
         registry.close()
 
 
