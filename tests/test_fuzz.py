@@ -74,9 +74,11 @@ def test_no_request_gets_a_5xx(fuzzed: tuple[Gateway, dict[str, str]], who: str,
         str(Path(sys.executable).with_name("schemathesis")), "run", str(schema), "--url", gateway.url,
         "--header", f"Authorization: Bearer {keys[who]}",
         "--checks", "not_a_server_error",
-        # Not the "coverage" phase: its generator trips over hypothesis' lambda introspection on
-        # Python 3.11 (a SystemError inside schemathesis, not an answer of ours).
-        "--phases", "examples,fuzzing",
+        # Only fuzzing: the schema has no examples, so the examples phase would only report each
+        # operation as skipped (and its report can then hide the fuzzing result). Not the
+        # "coverage" phase: its generator trips over hypothesis' lambda introspection on Python
+        # 3.11 (a SystemError inside schemathesis, not an answer of ours).
+        "--phases", "fuzzing",
         "--mode", "all",
         "--max-examples", "40",
         "--seed", "7",
