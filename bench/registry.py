@@ -10,9 +10,10 @@ and every adapter has a ``staging`` alias on its newest version.
 The first ``--publishes`` versions go through ``Registry.publish`` with full validation: a real
 PEFT LoRA made on the offline demo base (random init, no training), the same adapter under many
 names (its blobs are stored once). That measures publish throughput. The remaining versions are
-bulk-inserted rows in the same tables, copied from a published version (same columns, JSON values
-and files; only the adapter, version number and timestamps differ), with their aliases and alias
-history: 10,000 validated publishes would take the whole time budget and measure nothing new.
+bulk-inserted rows in the same tables (``tests/registry_helpers.py``'s ``bulk_fill``), copied from
+a published version (same columns, JSON values and files; only the adapter, version number,
+manifest and timestamps differ), with their aliases and alias history: 10,000 validated publishes
+would take the whole time budget and measure nothing new.
 
 Resolve latency is measured through ``Registry.resolve`` on random (seeded) references of each
 kind: ``t/n@N``, ``t/n:prod``, bare ``t/n`` (prod set) and bare ``t/n`` without prod (falls back
@@ -40,11 +41,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.registry_helpers
 SEED = 0
 TENANTS = 100
 ADAPTERS_PER_TENANT = 10
@@ -77,6 +78,15 @@ class Layout:
     def versions(self) -> list[tuple[int, str, int]]:
         """(adapter index, adapter, version) in publishing order."""
         return [(i, a, v) for i, a in enumerate(self.adapters()) for v in range(1, self.per_adapter + 1)]
+
+    def aliases(self) -> list[tuple[str, str, int]]:
+        """(adapter, alias, version): prod where the layout has it, staging on the newest everywhere."""
+        wanted = []
+        for index, adapter in enumerate(self.adapters()):
+            if self.has_prod(index):
+                wanted.append((adapter, "prod", self.prod_version))
+            wanted.append((adapter, "staging", self.per_adapter))
+        return wanted
 
     @property
     def total(self) -> int:
@@ -114,108 +124,6 @@ def publish_some(registry: Any, adapter_dir: Path, layout: Layout, count: int) -
         registry.validate(adapter_dir)
         validate_seconds.append(time.perf_counter() - started)
     return {"seconds": seconds, "validate": validate_seconds}
-
-
-def bulk_fill(registry: Any, layout: Layout, template_ref: str) -> dict[str, Any]:
-    """Insert every version of the layout not yet there, copying a published version's row and files."""
-    from sqlalchemy import select, text, update
-
-    from adapterdeck.registry import schema as t
-    from adapterdeck.registry.db import write_transaction
-
-    started = time.perf_counter()
-    template = registry.show(template_ref)
-    now = datetime.now(UTC)
-    adapters = layout.adapters()
-    with write_transaction(registry.engine) as conn:
-        template_id = registry.version_id(conn, template)
-        row = conn.execute(select(t.versions).where(t.versions.c.id == template_id)).one()._asdict()
-        for key in ("id", "adapter_id", "version", "created_at"):
-            row.pop(key)
-        files = [
-            dict(r._mapping)
-            for r in conn.execute(
-                select(t.version_files.c.path, t.version_files.c.sha256, t.version_files.c.size).where(
-                    t.version_files.c.version_id == template_id
-                )
-            )
-        ]
-        have_tenants = set(conn.execute(select(t.tenants.c.name)).scalars())
-        new_tenants = sorted({a.split("/")[0] for a in adapters} - have_tenants)
-        if new_tenants:
-            conn.execute(t.tenants.insert(), [{"name": n, "created_at": now} for n in new_tenants])
-        tenant_ids = dict(conn.execute(select(t.tenants.c.name, t.tenants.c.id)).all())
-
-        def adapter_ids() -> dict[str, int]:
-            query = select(t.tenants.c.name, t.adapters.c.name, t.adapters.c.id).select_from(
-                t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
-            )
-            return {f"{tn}/{an}": i for tn, an, i in conn.execute(query).all()}
-
-        have_adapters = adapter_ids()
-        new_adapters = [a for a in adapters if a not in have_adapters]
-        if new_adapters:
-            conn.execute(
-                t.adapters.insert(),
-                [
-                    {
-                        "tenant_id": tenant_ids[a.split("/")[0]],
-                        "name": a.split("/")[1],
-                        "last_version": layout.per_adapter,
-                        "created_at": now,
-                    }
-                    for a in new_adapters
-                ],
-            )
-        conn.execute(update(t.adapters).values(last_version=layout.per_adapter))
-        ids = adapter_ids()
-        have_versions = set(conn.execute(select(t.versions.c.adapter_id, t.versions.c.version)).all())
-        new_versions = [
-            {**row, "adapter_id": ids[a], "version": v, "source": "bulk", "created_at": now}
-            for _, a, v in layout.versions()
-            if (ids[a], v) not in have_versions
-        ]
-        conn.execute(t.versions.insert(), new_versions)
-        version_ids = {
-            (a, v): i
-            for i, a, v in conn.execute(
-                select(t.versions.c.id, t.versions.c.adapter_id, t.versions.c.version)
-            ).all()
-        }
-        new_ids = [version_ids[(r["adapter_id"], r["version"])] for r in new_versions]
-        conn.execute(t.version_files.insert(), [{"version_id": i, **f} for i in new_ids for f in files])
-        have_aliases = set(conn.execute(select(t.aliases.c.adapter_id, t.aliases.c.alias)).all())
-        wanted = []
-        for index, a in enumerate(adapters):
-            if layout.has_prod(index):
-                wanted.append((ids[a], "prod", layout.prod_version))
-            wanted.append((ids[a], "staging", layout.per_adapter))
-        missing = [(i, alias, v) for i, alias, v in wanted if (i, alias) not in have_aliases]
-        conn.execute(
-            t.aliases.insert(),
-            [
-                {"adapter_id": i, "alias": alias, "version_id": version_ids[(i, v)], "updated_at": now}
-                for i, alias, v in missing
-            ],
-        )
-        conn.execute(
-            t.alias_events.insert(),
-            [
-                {"adapter_id": i, "alias": alias, "old_version": None, "new_version": v, "at": now}
-                for i, alias, v in missing
-            ],
-        )
-    # What the database does after a bulk load anyway (PostgreSQL's autovacuum); SQLite keeps no
-    # statistics unless asked, so it is left as a user's registry would be.
-    if registry.engine.dialect.name == "postgresql":
-        with registry.engine.connect() as conn:
-            conn.execute(text("ANALYZE"))
-            conn.commit()
-    return {
-        "versions": len(new_versions),
-        "aliases": len(missing),
-        "seconds": time.perf_counter() - started,
-    }
 
 
 # --- resolve latency ---------------------------------------------------------------------------
@@ -467,7 +375,10 @@ def run_backend(
             flush=True,
         )
         _, last_adapter, last_version = layout.versions()[count - 1]
-        filled = bulk_fill(registry, layout, f"{last_adapter}@{last_version}")
+        from tests.registry_helpers import bulk_fill
+
+        template = f"{last_adapter}@{last_version}"
+        filled = bulk_fill(registry, layout.adapters(), layout.per_adapter, template, layout.aliases())
         total = registry.count_versions()
         print(
             f"   bulk: {filled['versions']} more versions (+ files, {filled['aliases']} aliases and their "

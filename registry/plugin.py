@@ -12,7 +12,9 @@ from adapterdeck.core import hookimpl
 def register_commands(cli: Any) -> None:
     from adapterdeck.registry.cli import app
     from adapterdeck.registry.experiments.cli import app as experiment_app
+    from adapterdeck.registry.fleet.cli import register as register_pins
 
+    register_pins(app)
     cli.add_typer(app, name="registry")
     cli.add_typer(experiment_app, name="experiment")
 

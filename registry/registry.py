@@ -18,6 +18,7 @@ from sqlalchemy import Connection, and_, func, select, text, update
 
 import adapterdeck.registry.schema as t
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.registry.cache import AdapterCache
 from adapterdeck.registry.db import (
     ensure_tenant,
     insert_ignore,
@@ -70,6 +71,13 @@ class Registry:
         self.engine = make_engine(self.settings.resolved_database_url())
         migrate(self.engine)
         self.store = BlobStore(self.settings.resolved_storage_url(), self.settings.storage_options)
+        self.cache = self.adapter_cache(self.settings.resolved_cache_dir())
+
+    def adapter_cache(self, directory: Path) -> AdapterCache:
+        """The bounded adapter cache at ``directory``, with this registry's bounds."""
+        return AdapterCache(
+            self.store, directory, self.settings.cache_max_bytes, self.settings.cache_min_idle_seconds
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -253,10 +261,14 @@ class Registry:
             )
         ).scalar_one()
 
-    def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        """Every adapter (of one tenant, or all) that has a version: its versions and aliases."""
+    def list(
+        self, tenant: str | None = None, *, after: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The adapters (of one tenant, or all) that have a version, with their versions and
+        aliases, ordered by name: all of them, or ``limit`` of them past the adapter ``after``
+        (``tenant/name``). Three queries, whatever the number of adapters."""
         with self.engine.connect() as conn:
-            return adapter_listing(conn, tenant)
+            return adapter_listing(conn, tenant, after=parse_adapter(after) if after else None, limit=limit)
 
     def alias_history(self, adapter: str) -> list[dict[str, Any]]:
         ref = parse_adapter(adapter)
@@ -366,8 +378,10 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
-    def materialize(self, info: VersionInfo, cache: Path) -> Path:
-        """The version's files in ``cache/<manifest sha256>``: copied once, visible only when complete.
+    def materialize(self, info: VersionInfo, cache: Path | None = None) -> Path:
+        """The version's files in ``<cache>/<manifest sha256>`` (default: the settings' cache
+        directory): copied once, visible only when complete, marked as used, and the cache kept
+        within its bound (``registry/cache.py``).
 
         Several processes may materialize the same version at once; each copies into a temporary
         directory and the first rename wins (the copies are identical).
@@ -377,22 +391,8 @@ class Registry:
         files = _plain_files(info)
         if not SHA256_RE.fullmatch(info.manifest_sha256):
             raise StorageFault(f"{info.ref}: its manifest digest is damaged; refusing to materialize it")
-        target = cache / info.manifest_sha256
-        if (target / "adapter_config.json").exists():
-            return target
-        private_dir(cache)
-        tmp = cache / f".{info.manifest_sha256}.{uuid.uuid4().hex}.tmp"
-        private_dir(tmp)
-        try:
-            for f in files:
-                self.store.get_file(f["sha256"], tmp / f["path"], private=True)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return target
+        adapters = self.cache if cache is None else self.adapter_cache(cache)
+        return adapters.fill(info.manifest_sha256, files)
 
     def gc(self, grace_seconds: float = 3600) -> dict[str, int]:
         """Remove blobs no version references, older than ``grace_seconds`` (a publish may be in flight)."""

@@ -255,3 +255,21 @@ ft_checkpoints = Table(
     Column("ref", String(200), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# -- fleet ---------------------------------------------------------------------------------------
+# Pinned aliases: the gateways keep the version each one points at loaded on its replicas (see
+# registry/fleet/). A pin names an alias, never a version, so it follows the alias when it moves.
+
+adapter_pins = Table(
+    "adapter_pins",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("adapter_id", Integer, ForeignKey("adapters.id", ondelete="CASCADE"), nullable=False),
+    Column("alias", String(32), nullable=False),
+    # How many replicas keep it loaded; NULL: as many as the router gives the adapter.
+    Column("replicas", Integer),
+    Column("created_by", String(40), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("adapter_id", "alias", name="uq_adapter_pins_adapter_alias"),
+)

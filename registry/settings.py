@@ -24,6 +24,12 @@ class RegistrySettings(BaseSettings):
     #: Where adapters are copied out of the blob store to be loaded (vLLM's resolver, the PEFT
     #: engine); default: ``home/cache/adapters``.
     cache_dir: Path | None = None
+    #: The adapter cache's bound in bytes: least recently used adapters beyond it are removed (and
+    #: copied again on their next use).
+    cache_max_bytes: int = Field(default=10 * 1024**3, ge=0)
+    #: An adapter used within this many seconds is never removed from the cache (an engine may be
+    #: loading it), even above the bound.
+    cache_min_idle_seconds: float = Field(default=60.0, ge=0)
     #: Largest rank of a LoRA adapter served by vLLM (its ``--max-lora-rank`` must be at least this).
     max_lora_rank: int = 64
     #: Largest adapter accepted, in bytes.
@@ -45,6 +51,8 @@ class RegistrySettings(BaseSettings):
             "ADAPTERDECK_DATABASE_URL": self.resolved_database_url(),
             "ADAPTERDECK_STORAGE_URL": self.resolved_storage_url(),
             "ADAPTERDECK_CACHE_DIR": str(self.resolved_cache_dir()),
+            "ADAPTERDECK_CACHE_MAX_BYTES": str(self.cache_max_bytes),
+            "ADAPTERDECK_CACHE_MIN_IDLE_SECONDS": str(self.cache_min_idle_seconds),
         }
         if self.storage_options:
             env["ADAPTERDECK_STORAGE_OPTIONS"] = json.dumps(self.storage_options)

@@ -1,7 +1,8 @@
 """Version records: what a version is, and the statements that find versions.
 
 Resolving is the hot path of serving: its statements are built once, with bind parameters. Listing
-takes two queries whatever the number of adapters (every ``/v1/models`` lists them).
+adapters takes three queries whatever the number of adapters, and pages by name (``after`` and
+``limit``); the model names ``/v1/models`` lists come from ``registry/catalog.py``.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, select
+from sqlalchemy import Connection, Row, and_, bindparam, exists, select, tuple_
 
 import adapterdeck.registry.schema as t
 from adapterdeck.registry.db import iso
+from adapterdeck.registry.refs import Ref
 
 
 @dataclass
@@ -147,20 +149,39 @@ def experiments_serving(conn: Connection, ref: str) -> list[str]:
     ]
 
 
-def adapter_listing(conn: Connection, tenant: str | None) -> list[dict[str, Any]]:
-    """Every adapter (of one tenant, or all) that has a version: its versions and aliases."""
+def adapter_listing(
+    conn: Connection, tenant: str | None, *, after: Ref | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The adapters (of one tenant, or all) that have a version, ordered by tenant and name: their
+    versions and aliases. ``limit`` of them past ``after`` (an adapter, which need not exist), or
+    all of them.
+
+    Three queries: the page's adapters, then their versions and their aliases, each bounded by the
+    page's first and last name (a range, not a list of ids: a full listing has no bind limit).
+    """
     v, a = t.versions.c, t.aliases.c
+    key = tuple_(t.tenants.c.name, t.adapters.c.name)
+    adapters = (
+        select(t.adapters.c.id, t.tenants.c.name.label("tenant"), t.adapters.c.name.label("adapter"))
+        .select_from(t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id))
+        .where(exists().where(v.adapter_id == t.adapters.c.id))
+        .order_by(t.tenants.c.name, t.adapters.c.name)
+    )
+    bounds = []
+    if tenant is not None:
+        bounds.append(t.tenants.c.name == tenant)
+    if after is not None:
+        bounds.append(key > tuple_(after.tenant, after.name))
+    page = conn.execute(adapters.where(*bounds).limit(limit)).all()
+    if not page:
+        return []
+    if limit is not None:
+        bounds.append(key <= tuple_(page[-1].tenant, page[-1].adapter))
     versions = (
-        select(
-            t.tenants.c.name.label("tenant"),
-            t.adapters.c.name.label("adapter"),
-            v.adapter_id,
-            v.version,
-            v.method,
-            v.served_by,
-        )
+        select(v.adapter_id, v.version, v.method, v.served_by)
         .select_from(VERSION_FROM)
-        .order_by(t.tenants.c.name, t.adapters.c.name, v.version)
+        .where(*bounds)
+        .order_by(v.adapter_id, v.version)
     )
     aliases = (
         select(a.adapter_id, a.alias, v.version)
@@ -169,11 +190,9 @@ def adapter_listing(conn: Connection, tenant: str | None) -> list[dict[str, Any]
             .join(t.adapters, t.adapters.c.id == a.adapter_id)
             .join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
         )
+        .where(*bounds)
         .order_by(a.adapter_id, a.alias)
     )
-    if tenant is not None:
-        versions = versions.where(t.tenants.c.name == tenant)
-        aliases = aliases.where(t.tenants.c.name == tenant)
     pointing: dict[int, dict[str, int]] = {}
     for row in conn.execute(aliases):
         pointing.setdefault(row.adapter_id, {})[row.alias] = row.version
@@ -182,14 +201,15 @@ def adapter_listing(conn: Connection, tenant: str | None) -> list[dict[str, Any]
         grouped.setdefault(row.adapter_id, []).append(row)
     return [
         {
-            "adapter": f"{rows[0].tenant}/{rows[0].adapter}",
-            "tenant": rows[0].tenant,
-            "name": rows[0].adapter,
-            "versions": [r.version for r in rows],
-            "latest": rows[-1].version,
-            "method": rows[-1].method,
-            "served_by": rows[-1].served_by,
-            "aliases": pointing.get(adapter_id, {}),
+            "adapter": f"{p.tenant}/{p.adapter}",
+            "tenant": p.tenant,
+            "name": p.adapter,
+            "versions": [r.version for r in grouped[p.id]],
+            "latest": grouped[p.id][-1].version,
+            "method": grouped[p.id][-1].method,
+            "served_by": grouped[p.id][-1].served_by,
+            "aliases": pointing.get(p.id, {}),
         }
-        for adapter_id, rows in grouped.items()
+        for p in page
+        if p.id in grouped
     ]

@@ -1,6 +1,6 @@
 """The gateway's app: ``create_app`` starts (and stops) the engines, installs the error answers
 and the middleware, and holds every route: the completions (``serve/gateway.py`` serves them),
-health, metrics, models and adapters, and the experiment and fine-tuning APIs."""
+health, metrics, models and adapters, and the experiment, fine-tuning and pins APIs."""
 
 from __future__ import annotations
 
@@ -19,16 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import shown
 from adapterdeck.registry import Registry
+from adapterdeck.registry.catalog import model_names
 from adapterdeck.registry.untrusted import file_name_problem
 from adapterdeck.serve import errors, openai_schema
 from adapterdeck.serve.auth import AdminCaller, Caller, UploadGuard
-from adapterdeck.serve.engines.process import VllmSupervisor
 from adapterdeck.serve.errors import api_error, bad_request, model_not_found
 from adapterdeck.serve.experiments import api as experiments_api
 from adapterdeck.serve.finetune import api as finetune_api
+from adapterdeck.serve.fleet import api as pins_api
+from adapterdeck.serve.fleet.pins import PinWarmer
+from adapterdeck.serve.fleet.replicas import supervisors
 from adapterdeck.serve.gateway import Gateway
 from adapterdeck.serve.limits import BodyLimit
 from adapterdeck.serve.settings import ServeSettings
+
+PAGE_LIMIT = 1000  # the default and the largest ?limit= of /v1/models and /v1/adapters
 
 
 class AliasBody(BaseModel):
@@ -37,24 +42,26 @@ class AliasBody(BaseModel):
 
 
 def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None = None) -> FastAPI:
-    """The gateway app; it starts (and stops) its own vLLM unless ``settings.vllm.url`` names one."""
-    supervisor = None
-    if not settings.vllm.url:
-        log = (log_dir or Path(tempfile.gettempdir())) / f"adapterdeck-vllm-{settings.vllm.port}.log"
-        supervisor = VllmSupervisor(settings, registry.settings.child_env(), log)
-    gateway = Gateway(settings, registry, supervisor)
+    """The gateway app; it starts (and stops) its own vLLM servers (``vllm.replicas``) unless
+    ``vllm.url``/``vllm.urls`` name running ones."""
+    log = log_dir or Path(tempfile.gettempdir())
+    gateway = Gateway(settings, registry, supervisors(settings, registry.settings.child_env(), log))
+    pins = PinWarmer(gateway.vllm.fleet, registry, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.traffic.start()
         await gateway.vllm.open()
+        await pins.start()
         try:
             yield
         finally:
+            await pins.close()
             await gateway.traffic.close()
             if gateway.peft is not None:
                 gateway.peft.close()
             await gateway.vllm.close()
+            await gateway.limiter.close()
 
     app = FastAPI(title="adapterdeck", version="1", lifespan=lifespan)
     app.state.keys = gateway.keys  # the Caller dependency's
@@ -64,18 +71,20 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
     errors.install(app)
     app.include_router(_status_routes(gateway))
     app.include_router(_inference_routes(gateway))
-    app.include_router(_adapter_routes(registry))
+    app.include_router(_adapter_routes(registry, pins))
     app.include_router(experiments_api.router(gateway.traffic, gateway.metrics))
     app.include_router(finetune_api.router)
+    app.include_router(pins_api.router(pins.pins, pins))
     return app
 
 
 async def health_report(gateway: Gateway) -> dict[str, Any]:
-    """Every engine's state, the database's and the running experiments'."""
+    """Every engine's state (each vLLM replica's), the database's and the running experiments'.
+    The gateway is ok while one replica serves: a load balancer keeps sending it traffic."""
     vllm = await gateway.vllm.health()
     peft = gateway.peft.health() if gateway.peft is not None else {"status": "idle", "adapters": 0}
     database_ok = await gateway.database.check(gateway.registry)
-    ok = vllm["status"] == "ready" and database_ok
+    ok = gateway.vllm.ready() and database_ok
     return {
         "status": "ok" if ok else "degraded",
         "gateway": "ok",
@@ -109,15 +118,18 @@ def _inference_routes(gateway: Gateway) -> APIRouter:
     registry, settings = gateway.registry, gateway.settings
 
     @api.get("/v1/models")
-    async def models(who: Caller) -> dict[str, Any]:
-        rows = await asyncio.to_thread(registry.list, None if who.is_admin else who.tenant)
-        data = [{"id": settings.base_name(), "object": "model", "created": 0, "owned_by": "adapterdeck"}]
-        for row in rows:
-            names = [row["adapter"], *(f"{row['adapter']}@{v}" for v in row["versions"])]
-            names += [f"{row['adapter']}:{a}" for a in sorted(row["aliases"])]
-            data += [{"id": n, "object": "model", "created": 0, "owned_by": row["tenant"]} for n in names]
-        data += await asyncio.to_thread(finetune_api.fine_tuned_models, registry, who)
-        return {"object": "list", "data": data}
+    async def models(who: Caller, limit: int = PAGE_LIMIT, after: str | None = None) -> dict[str, Any]:
+        # One query per page (registry/catalog.py); the base leads the first page.
+        limit, base = _page_limit(limit), settings.base_name()
+        data = [] if after else [{"id": base, "object": "model", "created": 0, "owned_by": "adapterdeck"}]
+        page = await asyncio.to_thread(
+            model_names,
+            registry,
+            None if who.is_admin else who.tenant,
+            after=None if after in (None, "", base) else after,
+            limit=limit - len(data),
+        )
+        return _listing(data + [name.to_dict() for name in page.items], page.has_more)
 
     @api.post("/v1/chat/completions", openapi_extra=openai_schema.body(openai_schema.CHAT_COMPLETION))
     async def chat(request: Request, who: Caller) -> Response:
@@ -128,6 +140,18 @@ def _inference_routes(gateway: Gateway) -> APIRouter:
         return await gateway.completion("/v1/completions", request, who)
 
     return api
+
+
+def _page_limit(limit: int) -> int:
+    if not 1 <= limit <= PAGE_LIMIT:
+        raise bad_request(f"'limit' must be between 1 and {PAGE_LIMIT}.", "limit")
+    return limit
+
+
+def _listing(data: list[dict[str, Any]], has_more: bool, key: str = "id") -> dict[str, Any]:
+    """OpenAI's list shape; ``last_id`` is the ``after`` of the next page."""
+    first, last = (data[0][key], data[-1][key]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more}
 
 
 async def _staged(ref: str, files: list[UploadFile], directory: Path) -> None:
@@ -148,13 +172,14 @@ async def _staged(ref: str, files: list[UploadFile], directory: Path) -> None:
         (directory / filename).write_bytes(await upload.read())
 
 
-def _adapter_routes(registry: Registry) -> APIRouter:
+def _adapter_routes(registry: Registry, pins: PinWarmer) -> APIRouter:
     api = APIRouter()
 
     @api.get("/v1/adapters")
-    async def adapters(who: Caller) -> dict[str, Any]:
-        rows = await asyncio.to_thread(registry.list, None if who.is_admin else who.tenant)
-        return {"object": "list", "data": rows}
+    async def adapters(who: Caller, limit: int = PAGE_LIMIT, after: str | None = None) -> dict[str, Any]:
+        limit, tenant = _page_limit(limit), None if who.is_admin else who.tenant
+        rows = await asyncio.to_thread(registry.list, tenant, after=after, limit=limit + 1)
+        return _listing(rows[:limit], len(rows) > limit, key="adapter")
 
     @api.get("/v1/adapters/{tenant}/{name}")
     async def adapter(tenant: str, name: str, who: Caller) -> dict[str, Any]:
@@ -179,7 +204,9 @@ def _adapter_routes(registry: Registry) -> APIRouter:
 
     @api.put("/v1/adapters/{tenant}/{name}/aliases/{alias}")
     async def move_alias(tenant: str, name: str, alias: str, body: AliasBody, _: AdminCaller) -> Any:
+        await pins.before_move(f"{tenant}/{name}", alias, body.version)  # a pinned alias moves warm
         info = await asyncio.to_thread(registry.set_alias, f"{tenant}/{name}", alias, body.version)
+        pins.nudge()
         return info.to_dict()
 
     return api

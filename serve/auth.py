@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from adapterdeck.registry import Registry
+from adapterdeck.registry.cache import Lru
 from adapterdeck.registry.tenants import Principal, authenticate
 from adapterdeck.serve.errors import ApiError, forbidden, unauthorized
 from adapterdeck.serve.limits import Limiter
@@ -37,7 +38,7 @@ class Keys:
 
     def __init__(self, registry: Registry, database: DatabaseStatus, limiter: Limiter) -> None:
         self.registry, self.database, self.limiter = registry, database, limiter
-        self._cached: dict[str, tuple[float, Principal]] = {}
+        self._cached: Lru[str, tuple[float, Principal]] = Lru(CACHED_KEYS)
         self._last = Remembered(CACHED_KEYS)
 
     async def principal(self, request: Request) -> Principal:
@@ -57,8 +58,6 @@ class Keys:
         found = await self.database.fetch(partial(authenticate, self.registry, key), key, self._last)
         if found is None:
             raise unauthorized("Invalid API key.")
-        if len(self._cached) > CACHED_KEYS:
-            self._cached.clear()
         self._cached[key] = (now + KEY_TTL, found)
         return found
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -31,9 +32,20 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML settings file; flags override it.")] = None,
     vllm_url: Annotated[
-        str | None, typer.Option(help="Use this running vLLM server instead of starting one.")
+        list[str] | None,
+        typer.Option(
+            help="Use this running vLLM server instead of starting one; repeat it for several replicas."
+        ),
     ] = None,
-    vllm_port: Annotated[int | None, typer.Option(help="Port for the vLLM server started here.")] = None,
+    replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="vLLM servers to start here (default 1), each on its share of cores or GPUs."
+        ),
+    ] = None,
+    vllm_port: Annotated[
+        int | None, typer.Option(help="Port for the (first) vLLM server started here.")
+    ] = None,
     served_name: Annotated[str | None, typer.Option(help="Model name of the base on the API.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="vLLM --max-model-len.")] = None,
     dtype: Annotated[
@@ -48,7 +60,6 @@ def serve(
 
     from adapterdeck.registry.private import private_dir, private_umask
     from adapterdeck.serve.app import create_app
-    from adapterdeck.serve.engines.process import check_vllm_port
     from adapterdeck.serve.httpguard import guarded_protocol
     from adapterdeck.serve.settings import load_serve_settings
 
@@ -61,15 +72,16 @@ def serve(
             "host": host,
             "port": port,
             "served_name": served_name,
-            "vllm.url": vllm_url,
+            "vllm.url": vllm_url[0] if vllm_url else None,
+            "vllm.urls": vllm_url[1:] if vllm_url else None,
+            "vllm.replicas": replicas,
             "vllm.port": vllm_port,
             "vllm.max_model_len": max_model_len,
             "vllm.dtype": dtype,
             "finetune.workers": workers,
         },
     )
-    if not settings.vllm.url:
-        check_vllm_port(settings)  # one line now, not a vLLM that keeps failing to start
+    _check_vllm(settings)
     location = settings.registry
     registry = _registry(location.home, location.database_url, location.storage_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -94,6 +106,19 @@ def serve(
     finally:
         if local_workers is not None:
             local_workers.stop()
+
+
+def _check_vllm(settings: ServeSettings) -> None:
+    """Refuse on one line, before anything starts, a taken port of a vLLM to start (not a vLLM that
+    keeps failing to start) and a --vllm-url that answers but is not a vLLM serving this base."""
+    from adapterdeck.serve.engines.process import check_vllm_port
+    from adapterdeck.serve.engines.vllm import VLLM_KEY_ENV
+    from adapterdeck.serve.fleet.probe import check_endpoints
+
+    check_vllm_port(settings)
+    key = settings.vllm.api_key or os.environ.get(VLLM_KEY_ENV)
+    for url in check_endpoints(settings, key):
+        out.print(f"vLLM at {url} does not answer yet: it serves once it does (and is checked then)")
 
 
 def _start_local_workers(settings: ServeSettings, registry: Registry) -> LocalWorkers | None:

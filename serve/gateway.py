@@ -20,6 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
 from adapterdeck.registry import NotFound, Registry
+from adapterdeck.registry.cache import Lru
 from adapterdeck.registry.experiments import Experiment, Variant
 from adapterdeck.registry.refs import InvalidRef, Ref, parse_ref
 from adapterdeck.registry.tenants import Principal
@@ -45,21 +46,23 @@ class Gateway:
     """A completion's path: route its model to a target, call the target's engine, count the answer."""
 
     def __init__(
-        self, settings: ServeSettings, registry: Registry, supervisor: VllmSupervisor | None
+        self, settings: ServeSettings, registry: Registry, supervisors: list[VllmSupervisor]
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = Metrics()
         self.database = DatabaseStatus()
-        self.limiter = Limiter(settings.limits, settings.tenant_limits)
+        self.limiter = Limiter(settings.limits, settings.tenant_limits, settings.limits_storage)
         self.keys = Keys(registry, self.database, self.limiter)
         self.traffic = Traffic(registry, self.database)
         self.shadows = Shadows(self.traffic, self.metrics, self.variant_target, self.send)
-        self.vllm = VllmEngine(settings, supervisor, self.metrics)
+        self.vllm = VllmEngine(settings, supervisors, self.metrics)
+        self.fleet = self.vllm.fleet  # the vLLM replicas and the routing over them
         self.peft: Any = None  # the embedded PEFT engine, created on first use
         # Only immutable refs are cached (an alias or a bare name is resolved on every request, so
-        # a move or a publish is live at once); the last answer for every name serves an outage.
-        self._versions: dict[str, tuple[float, Any]] = {}
+        # a move or a publish is live at once); the last answers, for the names used most recently,
+        # serve an outage. Both are LRU-bounded (registry/cache.py).
+        self._versions: Lru[str, tuple[float, Any]] = Lru(CACHED_VERSIONS)
         self._last_versions = Remembered(REMEMBERED_VERSIONS)
 
     # -- routing -------------------------------------------------------------------------------
@@ -82,8 +85,6 @@ class Gateway:
         if cached is not None and cached[0] > now:
             return cached[1]
         info = await self._lookup(ref)
-        if len(self._versions) > CACHED_VERSIONS:
-            self._versions.clear()
         self._versions[name] = (now + VERSION_TTL, info)
         return info
 
@@ -156,7 +157,7 @@ class Gateway:
         check_request(body, "messages" if path.endswith("chat/completions") else "prompt", self.settings)
         if principal.tenant is None:  # admin keys have no per-tenant limits
             return await self._complete(path, request, body, principal)
-        with self.limiter.slot(principal.tenant) as release_later:
+        async with self.limiter.slot(principal.tenant) as release_later:
             response = await self._complete(path, request, body, principal)
             if isinstance(response, StreamingResponse):  # the slot is held until the stream ends
                 response.body_iterator = then(response.body_iterator, release_later())

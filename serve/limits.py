@@ -2,27 +2,35 @@
 requests), and the bounds on one request (its body's size; a completion's max_tokens, n and
 choices).
 
-Limits are kept in each gateway's memory: with several gateways behind a load balancer, each one
-enforces the limit on the traffic it sees. A request over a limit is answered with 429 and a
+Limits are counted where ``limits_storage.url`` says. ``memory://`` (the default): in each
+gateway's memory, so with several gateways behind a load balancer each one enforces the limit on
+the traffic it sees. ``redis://HOST:PORT/DB``: in Redis (``serve/sharedlimits.py``), so every
+gateway that names the same Redis enforces one budget per tenant together. Each gateway also keeps
+its own count, the one it falls back on while Redis cannot be reached (``on_outage: local``;
+``refuse`` answers 503 instead). A request over a limit is answered with 429 and a
 ``Retry-After`` header (whole seconds) before any engine sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
-from limits import RateLimitItemPerMinute
+from limits import RateLimitItem, RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from adapterdeck.serve.errors import ApiError, bad_request
-from adapterdeck.serve.settings import LimitSettings, ServeSettings
+from adapterdeck.serve.settings import LimitSettings, LimitStorage, ServeSettings
+from adapterdeck.serve.sharedlimits import RedisCounts, Unreachable
+
+Release = Callable[[], Awaitable[None]]
 
 
 def rate_limited(message: str, retry_after: int) -> ApiError:
@@ -31,66 +39,141 @@ def rate_limited(message: str, retry_after: int) -> ApiError:
     return error
 
 
+def limits_unavailable() -> ApiError:
+    error = ApiError(
+        503,
+        "The rate limits cannot be checked right now (their store does not answer). Retry shortly.",
+        "service_unavailable",
+        code="limits_unavailable",
+    )
+    error.headers = {"Retry-After": "1"}
+    return error
+
+
 class Limiter:
     """``check`` counts a request against its tenant's per-minute budget; ``slot`` holds one of
-    its concurrent-request slots for as long as the request (or its stream) runs."""
+    its concurrent-request slots for as long as the request (or its stream) runs.
 
-    def __init__(self, defaults: LimitSettings, tenants: dict[str, LimitSettings]) -> None:
+    ``in_flight`` is the slots this gateway holds, per tenant (all of them, taken in Redis or
+    not): the count it enforces alone while Redis is away."""
+
+    def __init__(
+        self, defaults: LimitSettings, tenants: dict[str, LimitSettings], storage: LimitStorage | None = None
+    ) -> None:
         self.defaults, self.tenants = defaults, tenants
+        self.storage = storage or LimitStorage()
         self.window = MovingWindowRateLimiter(MemoryStorage())
         self.in_flight: dict[str, int] = defaultdict(int)
+        self.shared = None if self.storage.url == "memory://" else RedisCounts(self.storage)
 
     def settings_for(self, tenant: str) -> LimitSettings:
         return self.tenants.get(tenant, self.defaults)
+
+    def _alone(self) -> None:
+        """Redis is away: count locally, or refuse (``on_outage: refuse``)."""
+        if self.storage.on_outage == "refuse":
+            raise limits_unavailable()
+
+    async def _local_hit(self, item: RateLimitItem, tenant: str) -> float:
+        if await self.window.hit(item, tenant):
+            return 0.0
+        return (await self.window.get_window_stats(item, tenant)).reset_time
 
     async def check(self, tenant: str) -> None:
         rpm = self.settings_for(tenant).requests_per_minute
         if rpm is None:
             return
         item = RateLimitItemPerMinute(rpm)
-        if not await self.window.hit(item, tenant):
-            stats = await self.window.get_window_stats(item, tenant)
-            wait = math.ceil(stats.reset_time - time.time())
+        if self.shared is None:
+            refused_until = await self._local_hit(item, tenant)
+        else:
+            try:
+                refused_until = await self.shared.hit(item, tenant)
+            except Unreachable:
+                self._alone()
+                refused_until = await self._local_hit(item, tenant)
+            else:
+                if not refused_until:  # this gateway's own count, kept for an outage
+                    await self.window.hit(item, tenant)
+        if refused_until:
+            wait = max(1, math.ceil(refused_until - time.time()))
             raise rate_limited(
-                f"Rate limit reached for {tenant}: {rpm} requests per minute. Retry in {max(1, wait)} s.",
-                wait,
+                f"Rate limit reached for {tenant}: {rpm} requests per minute. Retry in {wait} s.", wait
             )
 
-    @contextmanager
-    def slot(self, tenant: str) -> Iterator[Callable[[], Callable[[], None]]]:
+    async def take(self, tenant: str) -> Release:
+        """Take one of ``tenant``'s slots (429 when none is free); returns the function that gives
+        it back (once, however often it is called). This gateway's count drops at once; Redis is
+        told within ``timeout``, else the lease expires on its own."""
+        cap = self.settings_for(tenant).concurrent_requests
+        lease = None
+        if cap is not None:
+            alone = self.shared is None
+            if self.shared is not None:
+                try:
+                    lease = await self.shared.acquire(tenant, cap)
+                except Unreachable:
+                    self._alone()
+                    alone = True
+                else:
+                    if lease is None:
+                        raise _too_many(tenant, cap)
+            if alone and self.in_flight[tenant] >= cap:
+                raise _too_many(tenant, cap)
+        self.in_flight[tenant] += 1
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.in_flight[tenant] -= 1
+            if not self.in_flight[tenant]:
+                del self.in_flight[tenant]
+            if lease is not None and self.shared is not None:
+                told = self.shared.release(tenant, lease)
+                if told is not None:  # shielded: a cancelled request still gives its lease back
+                    await asyncio.shield(told)
+
+        return release
+
+    @asynccontextmanager
+    async def slot(self, tenant: str) -> AsyncIterator[Callable[[], Release]]:
         """Hold a concurrent-request slot; call the yielded ``defer()`` to keep it past the block
         (it returns the function that gives the slot back, for the end of a stream)."""
-        cap = self.settings_for(tenant).concurrent_requests
-        if cap is not None and self.in_flight[tenant] >= cap:
-            raise rate_limited(
-                f"Too many concurrent requests for {tenant}: at most {cap} at a time. Retry shortly.", 1
-            )
-        self.in_flight[tenant] += 1
-        state = {"deferred": False, "released": False}
+        release = await self.take(tenant)
+        deferred = False
 
-        def release() -> None:
-            if not state["released"]:
-                state["released"] = True
-                self.in_flight[tenant] -= 1
-
-        def defer() -> Callable[[], None]:
-            state["deferred"] = True
+        def defer() -> Release:
+            nonlocal deferred
+            deferred = True
             return release
 
         try:
             yield defer
         finally:
-            if not state["deferred"]:
-                release()
+            if not deferred:
+                await release()
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
 
 
-async def then(iterator: AsyncIterator[Any], callback: Callable[[], None]) -> AsyncIterator[Any]:
-    """Relay ``iterator``, then call ``callback`` (also when the client goes away mid-stream)."""
+def _too_many(tenant: str, cap: int) -> ApiError:
+    return rate_limited(
+        f"Too many concurrent requests for {tenant}: at most {cap} at a time. Retry shortly.", 1
+    )
+
+
+async def then(iterator: AsyncIterator[Any], callback: Release) -> AsyncIterator[Any]:
+    """Relay ``iterator``, then await ``callback()`` (also when the client goes away mid-stream)."""
     try:
         async for item in iterator:
             yield item
     finally:
-        callback()
+        await callback()
 
 
 def check_request(body: dict[str, Any], field: str, settings: ServeSettings) -> None:

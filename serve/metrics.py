@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -51,6 +51,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._replica_metrics()
         self.shadow_requests = Counter(
             "adapterdeck_shadow_requests",
             "Copies of experiment traffic sent to a shadow variant (never returned to clients)",
@@ -65,6 +66,52 @@ class Metrics:
             "Sum of the feedback scores (thumbs up 1, down 0)",
             ("experiment", "variant"),
             registry=self.registry,
+        )
+
+    def _replica_metrics(self) -> None:
+        """Per vLLM replica (``serve/fleet/``): its health and load, and the adapters it holds as the
+        gateway tracks them (vLLM's own metric forgets idle loaded adapters)."""
+        r, replica = self.registry, ("replica",)
+        self.replica_up = Gauge(
+            "adapterdeck_replica_up", "1 while a vLLM replica is healthy", replica, registry=r
+        )
+        self.replica_in_flight = Gauge(
+            "adapterdeck_replica_in_flight", "Requests in flight on a vLLM replica", replica, registry=r
+        )
+        self.replica_resident = Gauge(
+            "adapterdeck_replica_resident_adapters",
+            "Adapters loaded on a vLLM replica (what this gateway sent it, LRU-bounded as vLLM's "
+            "cache, and what its /metrics says it runs)",
+            replica,
+            registry=r,
+        )
+        self.replica_loads = Counter(
+            "adapterdeck_replica_adapter_loads", "Adapters loaded on a vLLM replica", replica, registry=r
+        )
+        self.replica_evictions = Counter(
+            "adapterdeck_replica_adapter_evictions",
+            "Adapters pushed out of a vLLM replica's cache by newer ones (its LRU, as tracked)",
+            replica,
+            registry=r,
+        )
+        self.replica_cold_start = Histogram(
+            "adapterdeck_replica_cold_start_seconds",
+            "Latency of the request that loaded an adapter on a vLLM replica",
+            replica,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.replica_failures = Counter(
+            "adapterdeck_replica_failures",
+            "Times a vLLM replica was taken out (a failed request or health check)",
+            replica,
+            registry=r,
+        )
+        self.replica_retries = Counter(
+            "adapterdeck_replica_retries",
+            "Requests retried on another replica after this one failed before answering",
+            replica,
+            registry=r,
         )
 
     def count_usage(self, labels: tuple[str, ...], usage: dict[str, Any] | None) -> None:

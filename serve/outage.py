@@ -3,7 +3,8 @@
 ``DatabaseStatus`` is the one record of whether the database answers (``/health`` reports it;
 every lookup, the experiments' refresh and the health check update it). Lookups go through
 ``fetch``: while the database is away, the last answer a ``Remembered`` holds for the same name
-is used, so keys and adapters the gateway has already seen keep working through an outage.
+is used, so keys and adapters the gateway has already seen keep working through an outage (the
+most recently used ones, up to each ``Remembered``'s bound).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapterdeck.registry import Registry
+from adapterdeck.registry.cache import Lru
 from adapterdeck.serve.errors import unavailable
 
 logger = logging.getLogger("adapterdeck.serve")
@@ -23,18 +25,16 @@ PING_TIMEOUT = 5
 
 
 class Remembered:
-    """The last answer for each name, at most ``limit`` of them."""
+    """The last answer for each name, for the ``limit`` names used most recently."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.answers: dict[str, Any] = {}
+        self.answers: Lru[str, Any] = Lru(limit)
 
     def keep(self, name: str, answer: Any) -> None:
         if answer is None:  # e.g. a revoked key: it must not come back during an outage
             self.answers.pop(name, None)
             return
-        if len(self.answers) > self.limit:
-            self.answers.clear()
         self.answers[name] = answer
 
 

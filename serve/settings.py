@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapterdeck.core.errors import AdapterdeckError
 
@@ -19,7 +19,16 @@ class VllmSettings(Strict):
     url: str | None = Field(
         None, description="use a vLLM server already running here instead of starting one"
     )
-    port: int = Field(8100, description="port of the vLLM server the gateway starts (loopback only)")
+    urls: list[str] = Field(
+        default_factory=list, description="more vLLM servers already running (replicas), beside `url`"
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="vLLM servers the gateway starts (ports port, port+1, ...); none by default "
+        "when `url` or `urls` name running ones",
+    )
+    port: int = Field(8100, description="port of the (first) vLLM server the gateway starts (loopback only)")
     max_loras: int = Field(8, ge=1, description="adapters in one batch")
     max_cpu_loras: int = Field(32, ge=1, description="adapters kept loaded in CPU memory")
     max_lora_rank: int = Field(64, ge=1, description="largest rank served; the registry refuses larger")
@@ -45,12 +54,91 @@ class VllmSettings(Strict):
     startup_timeout: float = 900
     restart_backoff: float = 2.0
 
+    def endpoints(self) -> list[str]:
+        """The running vLLM servers named by ``url`` and ``urls``, each once, in that order."""
+        named = [u.rstrip("/") for u in ([self.url] if self.url else []) + self.urls]
+        return list(dict.fromkeys(named))
+
+    def local_replicas(self) -> int:
+        """How many vLLM servers the gateway starts: ``replicas``, but none by default beside
+        running ones (``replicas`` set explicitly starts that many besides them)."""
+        return self.replicas if not self.endpoints() or "replicas" in self.model_fields_set else 0
+
+
+class FleetSettings(Strict):
+    """How requests are spread over the vLLM replicas (``serve/fleet/router.py``)."""
+
+    policy: Literal["affinity", "round_robin", "least_loaded"] = Field(
+        "affinity",
+        description="how a replica is chosen: affinity (below); round_robin and least_loaded are baselines",
+    )
+    k_min: int = Field(1, ge=1, description="replicas each adapter is placed on at least")
+    k_max: int = Field(4, ge=1, description="replicas a hot adapter spreads to at most")
+    load_factor: float = Field(
+        0.25, gt=0, description="bounded load: no replica above (1 + this) x the mean in-flight requests"
+    )
+    spread_load: float = Field(
+        4.0,
+        gt=0,
+        description="an adapter whose mean in-flight requests per replica pass this spreads to one more",
+    )
+    shrink_load: float = Field(
+        1.0, ge=0, description="... and gives one back when they would stay under this with one replica less"
+    )
+    shrink_after: float = Field(
+        30.0, ge=0, description="seconds an adapter keeps a replica before giving it back"
+    )
+    load_window: float = Field(5.0, gt=0, description="seconds of the moving average of an adapter's load")
+    health_interval: float = Field(
+        0.5,
+        gt=0,
+        le=0.5,
+        description="seconds between health checks of each replica (a dead one is out at once)",
+    )
+    metrics_interval: float = Field(
+        5.0, gt=0, description="seconds between reads of each replica's /metrics (the adapters it runs)"
+    )
+    pin_refresh_seconds: float = Field(
+        10.0, gt=0, description="how often pinned aliases are checked for a move (then warmed)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FleetSettings:
+        if self.k_max < self.k_min:
+            raise ValueError("k_max must be at least k_min")
+        if self.shrink_load >= self.spread_load:
+            raise ValueError("shrink_load must be below spread_load (the hysteresis)")
+        return self
+
 
 class LimitSettings(Strict):
     """Per-tenant limits (None: unlimited); over a limit a request gets 429 with Retry-After."""
 
     requests_per_minute: int | None = Field(None, ge=1, description="requests per minute (moving window)")
     concurrent_requests: int | None = Field(None, ge=1, description="completions in flight at once")
+
+
+class LimitStorage(Strict):
+    """Where the per-tenant limits are counted: ``memory://``, each gateway alone (the traffic it
+    sees), or ``redis://HOST:PORT/DB``, every gateway that names the same Redis together."""
+
+    url: str = Field("memory://", description="memory:// (each gateway alone) or redis://HOST:PORT/DB")
+    key_prefix: str = Field("adapterdeck", min_length=1, description="prefix of the limits' Redis keys")
+    timeout: float = Field(0.25, gt=0, description="seconds a Redis call may take (slower: an outage)")
+    lease_seconds: float = Field(
+        10.0, gt=0, description="a concurrency slot its gateway stopped renewing is free after this long"
+    )
+    on_outage: Literal["local", "refuse"] = Field(
+        "local",
+        description="Redis unreachable: `local`, each gateway enforces the limits alone; `refuse`, 503",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if url != "memory://" and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be memory://, redis://HOST:PORT/DB, rediss://... or unix://PATH")
+        return url
 
 
 class HttpSettings(Strict):
@@ -96,10 +184,14 @@ class ServeSettings(Strict):
     host: str = "127.0.0.1"
     port: int = 8000
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
     registry: RegistryLocation = Field(default_factory=RegistryLocation)
     limits: LimitSettings = Field(default_factory=LimitSettings, description="every tenant's limits")
     tenant_limits: dict[str, LimitSettings] = Field(
         default_factory=dict, description="limits of named tenants, replacing `limits` for them"
+    )
+    limits_storage: LimitStorage = Field(
+        default_factory=LimitStorage, description="where limits are counted: each gateway, or all in Redis"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest JSON request body")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest upload (adapter files, files)")
@@ -113,6 +205,9 @@ class ServeSettings(Strict):
     http: HttpSettings = Field(default_factory=HttpSettings)
     peft_max_batch: int = Field(8, ge=1, description="embedded PEFT engine: requests per batch")
     peft_batch_wait_ms: float = Field(10, ge=0, description="embedded PEFT engine: wait to fill a batch")
+    peft_max_adapters: int = Field(
+        16, ge=1, description="embedded PEFT engine: adapters held in memory (least recently used go)"
+    )
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
 
     def base_name(self) -> str:

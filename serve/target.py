@@ -12,6 +12,7 @@ from adapterdeck.registry.experiments import Experiment, Variant
 REF_HEADER = "X-Adapterdeck-Ref"
 EXPERIMENT_HEADER = "X-Adapterdeck-Experiment"
 VARIANT_HEADER = "X-Adapterdeck-Variant"
+REPLICA_HEADER = "X-Adapterdeck-Replica"  # the vLLM replica that answered (its id in /health)
 
 
 @dataclass(frozen=True)

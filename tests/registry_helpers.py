@@ -1,5 +1,6 @@
-"""Helpers for the registry tests: adapters made without training, version checks, a PostgreSQL
-database per test, and a warm interpreter that forks real CLI processes.
+"""Helpers for the registry tests: adapters made without training, version checks, registries of
+thousands of versions filled from a template (``bulk_fill``, also the registry benchmark's), a
+PostgreSQL database per test, and a warm interpreter that forks real CLI processes.
 
 Run as a script, this file is that warm interpreter (see ``CliForker``).
 """
@@ -15,7 +16,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,131 @@ def local_blob_names(storage: Path) -> set[str]:
     if not root.exists():
         return set()
     return {p.name for p in root.rglob("*") if p.is_file()}
+
+
+def bulk_fill(
+    registry: Any,
+    adapters: list[str],
+    per_adapter: int,
+    template_ref: str,
+    aliases: Sequence[tuple[str, str, int]] = (),
+) -> dict[str, Any]:
+    """Give every adapter of ``adapters`` versions 1..``per_adapter`` (those not there yet), as rows
+    copied from the published version ``template_ref`` (same columns, JSON values and files; only
+    the adapter, version number, manifest and timestamps differ), and the ``aliases`` (adapter,
+    alias, version) not there yet, with their history. Thousands of versions in seconds, where as
+    many validated publishes would take an hour and test nothing new.
+
+    Each adapter gets the manifest a publish of the template's files under its name would have
+    stored (so each has its own cache directory, as real adapters do); its versions share it.
+    """
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select, text, update
+
+    from adapterdeck.registry import schema as t
+    from adapterdeck.registry.db import write_transaction
+
+    started = time.perf_counter()
+    template = registry.show(template_ref)
+    files = [{k: f[k] for k in ("path", "sha256", "size")} for f in template.files]
+    manifests = {}
+    for adapter in adapters:
+        manifest = {
+            "adapter": adapter,
+            "files": files,
+            "peft_type": template.peft_type,
+            "base_fingerprint": template.base_fingerprint,
+        }
+        manifests[adapter] = registry.store.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+    now = datetime.now(UTC)
+    with write_transaction(registry.engine) as conn:
+        template_id = registry.version_id(conn, template)
+        row = conn.execute(select(t.versions).where(t.versions.c.id == template_id)).one()._asdict()
+        for key in ("id", "adapter_id", "version", "created_at", "manifest_sha256"):
+            row.pop(key)
+        have_tenants = set(conn.execute(select(t.tenants.c.name)).scalars())
+        new_tenants = sorted({a.split("/")[0] for a in adapters} - have_tenants)
+        if new_tenants:
+            conn.execute(t.tenants.insert(), [{"name": n, "created_at": now} for n in new_tenants])
+        tenant_ids = dict(conn.execute(select(t.tenants.c.name, t.tenants.c.id)).all())
+
+        def adapter_ids() -> dict[str, int]:
+            query = select(t.tenants.c.name, t.adapters.c.name, t.adapters.c.id).select_from(
+                t.adapters.join(t.tenants, t.tenants.c.id == t.adapters.c.tenant_id)
+            )
+            return {f"{tn}/{an}": i for tn, an, i in conn.execute(query).all()}
+
+        have_adapters = adapter_ids()
+        new_adapters = [a for a in adapters if a not in have_adapters]
+        if new_adapters:
+            conn.execute(
+                t.adapters.insert(),
+                [
+                    {
+                        "tenant_id": tenant_ids[a.split("/")[0]],
+                        "name": a.split("/")[1],
+                        "last_version": per_adapter,
+                        "created_at": now,
+                    }
+                    for a in new_adapters
+                ],
+            )
+        ids = adapter_ids()
+        conn.execute(
+            update(t.adapters)
+            .where(t.adapters.c.id.in_([ids[a] for a in adapters]))
+            .values(last_version=per_adapter)
+        )
+        have_versions = set(conn.execute(select(t.versions.c.adapter_id, t.versions.c.version)).all())
+        new_versions = [
+            {
+                **row,
+                "adapter_id": ids[a],
+                "version": v,
+                "manifest_sha256": manifests[a],
+                "source": "bulk",
+                "created_at": now,
+            }
+            for a in adapters
+            for v in range(1, per_adapter + 1)
+            if (ids[a], v) not in have_versions
+        ]
+        if new_versions:
+            conn.execute(t.versions.insert(), new_versions)
+        version_ids = {
+            (a, v): i
+            for i, a, v in conn.execute(
+                select(t.versions.c.id, t.versions.c.adapter_id, t.versions.c.version)
+            ).all()
+        }
+        new_ids = [version_ids[(r["adapter_id"], r["version"])] for r in new_versions]
+        if new_ids:
+            conn.execute(t.version_files.insert(), [{"version_id": i, **f} for i in new_ids for f in files])
+        have_aliases = set(conn.execute(select(t.aliases.c.adapter_id, t.aliases.c.alias)).all())
+        missing = [(ids[a], alias, v) for a, alias, v in aliases if (ids[a], alias) not in have_aliases]
+        if missing:
+            conn.execute(
+                t.aliases.insert(),
+                [
+                    {"adapter_id": i, "alias": alias, "version_id": version_ids[(i, v)], "updated_at": now}
+                    for i, alias, v in missing
+                ],
+            )
+            conn.execute(
+                t.alias_events.insert(),
+                [
+                    {"adapter_id": i, "alias": alias, "old_version": None, "new_version": v, "at": now}
+                    for i, alias, v in missing
+                ],
+            )
+    # What the database does after a bulk load anyway (PostgreSQL's autovacuum); SQLite keeps no
+    # statistics unless asked, so it is left as a user's registry would be.
+    if registry.engine.dialect.name == "postgresql":
+        with registry.engine.connect() as conn:
+            conn.execute(text("ANALYZE"))
+            conn.commit()
+    return {"versions": len(new_versions), "aliases": len(missing), "seconds": time.perf_counter() - started}
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ MiB = 1 << 20
 
 
 class Engine(ThreadingHTTPServer):
-    """Answers /health, /v1/chat/completions and /v1/completions like vLLM; keeps each call."""
+    """Answers /health, /v1/models, /v1/chat/completions and /v1/completions like vLLM; keeps each
+    POST."""
 
     daemon_threads = True
 
@@ -62,6 +63,10 @@ class _EngineHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        if self.path == "/v1/models":  # what the gateway checks at start: a vLLM serving its base
+            model = {"id": "tiny", "object": "model", "owned_by": "vllm", "root": "tiny", "parent": None}
+            self._answer(200, {"object": "list", "data": [model]})
+            return
         self._answer(200, {}) if self.path == "/health" else self._answer(404, {"error": "no"})
 
     def do_POST(self) -> None:

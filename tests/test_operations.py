@@ -172,16 +172,16 @@ def test_the_limiter_holds_a_slot_until_the_stream_ends() -> None:
         yield 2
 
     async def scenario() -> None:
-        with limiter.slot("t") as defer:
+        async with limiter.slot("t") as defer:
             body = then(stream(), defer())  # a streamed answer keeps its slot after the handler
-        with limiter.slot("t"):
+        async with limiter.slot("t"):
             with pytest.raises(ApiError) as refused:
-                with limiter.slot("t"):
+                async with limiter.slot("t"):
                     pass
             assert refused.value.status == 429
         assert [item async for item in body] == [1, 2]
         assert limiter.in_flight["t"] == 0
-        with limiter.slot("u"):  # no limit for others
+        async with limiter.slot("u"):  # no limit for others
             assert limiter.in_flight["u"] == 1
 
     asyncio.run(scenario())
@@ -207,6 +207,9 @@ MATRIX: list[tuple[str, str, dict | None, int, int]] = [
     ("GET", "/v1/adapters/globex/ops", None, 404, 200),
     ("POST", "/v1/adapters/acme/ops/versions", None, 403, 400),  # admin: no files sent
     ("PUT", "/v1/adapters/acme/ops/aliases/prod", {"version": 1}, 403, 200),
+    ("PUT", "/v1/pins/acme/ops/prod", {"replicas": 1}, 403, 200),
+    ("GET", "/v1/pins", None, 200, 200),
+    ("DELETE", "/v1/pins/acme/ops/prod", None, 403, 200),
     ("GET", "/v1/experiments", None, 200, 200),
     ("POST", "/v1/experiments", EXPERIMENT, 404, 201),
     ("GET", "/v1/experiments/globex/ops", None, 404, 200),
@@ -231,7 +234,7 @@ MATRIX: list[tuple[str, str, dict | None, int, int]] = [
 
 
 def _template(path: str) -> str:
-    path = re.sub(r"/(acme|globex)/ops", "/{t}/{n}", path).replace("aliases/prod", "aliases/{a}")
+    path = re.sub(r"/(acme|globex)/ops", "/{t}/{n}", path).replace("/prod", "/{a}")
     path = re.sub(r"(file|ftjob)-unknown", "{id}", path)
     return re.sub(r"\{[^}]+\}", "{x}", path)
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, select, update
+from sqlalchemy import Connection, select, update
 
 import adapterdeck.registry.schema as t
-from adapterdeck.registry.db import Page, ensure_tenant, fetch_page, now, utc, write_transaction
+from adapterdeck.registry.cache import Lru
+from adapterdeck.registry.db import Page, ensure_tenant, fetch_page, now, write_transaction
 from adapterdeck.registry.errors import Conflict, NotFound
 from adapterdeck.registry.finetune.files import UploadedFiles
 from adapterdeck.registry.finetune.leases import WorkerLeases
@@ -208,35 +209,10 @@ class FineTuning(UploadedFiles, WorkerLeases):
                 conn, query, t.ft_checkpoints.c.id, after=mark, limit=limit, item=checkpoint_record
             )
 
-    def models(self, tenant: str | None) -> list[tuple[str, str, datetime]]:
-        """``(name, tenant, created)`` of every fine-tuned model and checkpoint of ``tenant`` (or all)."""
-        jobs = (
-            select(t.ft_jobs.c.id, t.ft_jobs.c.fine_tuned_model, t.tenants.c.name, t.ft_jobs.c.finished_at)
-            .select_from(JOB_FROM)
-            .where(t.ft_jobs.c.status == SUCCEEDED)
-            .order_by(t.ft_jobs.c.seq)
-        )
-        if tenant is not None:
-            jobs = jobs.where(t.tenants.c.name == tenant)
-        out: list[tuple[str, str, datetime]] = []
-        with self.engine.connect() as conn:
-            rows = conn.execute(jobs).all()
-            checkpoints = conn.execute(
-                select(t.ft_checkpoints.c.job_id, t.ft_checkpoints.c.name, t.ft_checkpoints.c.created_at)
-                .where(t.ft_checkpoints.c.job_id.in_([r.id for r in rows]))
-                .order_by(t.ft_checkpoints.c.step)
-            ).all()
-        by_job: dict[str, list[Row]] = {}
-        for c in checkpoints:
-            by_job.setdefault(c.job_id, []).append(c)
-        for r in rows:
-            out.append((r.fine_tuned_model, r.name, utc(r.finished_at) or now()))
-            out += [(c.name, r.name, utc(c.created_at) or now()) for c in by_job.get(r.id, [])]
-        return out
 
-
-# An ``ft:`` name never changes what it stands for, so a found one is kept (per database).
-_RESOLVED: dict[tuple[str, str], tuple[str, str]] = {}
+# An ``ft:`` name never changes what it stands for, so a found one is kept (per database), for the
+# most recently used names.
+_RESOLVED: Lru[tuple[str, str], tuple[str, str]] = Lru(10_000)
 
 
 def resolve_fine_tuned(registry: Registry, name: str, tenant: str | None) -> str:
@@ -270,8 +246,6 @@ def resolve_fine_tuned(registry: Registry, name: str, tenant: str | None) -> str
                 ).first()
         if row is not None:
             found = (row[0], row[1])
-            if len(_RESOLVED) > 10_000:
-                _RESOLVED.clear()
             _RESOLVED[key] = found
     if found is None or (tenant is not None and found[1] != tenant):
         raise NotFound(f"no fine-tuned model {name}")

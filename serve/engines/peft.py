@@ -4,7 +4,9 @@ Requests wait a few milliseconds in a queue so that several arrive together; the
 adapter and each group is answered by one batched ``generate`` call (left padding), so concurrent
 requests are never handled one at a time. The base model is loaded once, on the first request;
 each adapter is loaded once into the same ``PeftModel`` (by its immutable ref) and switched per
-group. Streaming requests get the answer as one SSE chunk followed by ``[DONE]``.
+group; at most ``peft_max_adapters`` are held, the least recently used one unloaded when another
+comes (it is loaded again from the registry's bounded adapter cache on its next use). Streaming
+requests get the answer as one SSE chunk followed by ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ class PeftEngine:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-engine")
         self.model: Any = None
         self.tokenizer: Any = None
-        self.loaded: dict[str, str] = {}  # ref -> PEFT adapter name
+        self.loaded: OrderedDict[str, str] = OrderedDict()  # ref -> PEFT adapter name, oldest first
         self.batches = 0
         self.largest_batch = 0
         self._worker: asyncio.Task | None = None
@@ -124,12 +126,12 @@ class PeftEngine:
 
     def _ensure_adapter(self, ref: str) -> str:
         if ref in self.loaded:
+            self.loaded.move_to_end(ref)
             return self.loaded[ref]
         from peft import PeftModel
 
         started = time.monotonic()
-        cache = self.registry.settings.resolved_cache_dir()
-        target = self.registry.materialize(self.registry.show(ref), cache)
+        target = self.registry.materialize(self.registry.show(ref))
         name = "a" + hashlib.sha256(ref.encode()).hexdigest()[:16]
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(str(target), adapter_name=name)
@@ -137,6 +139,11 @@ class PeftEngine:
             self.model = PeftModel.from_pretrained(self.model, str(target), adapter_name=name)
         self.model.eval()
         self.loaded[ref] = name
+        # Unloaded after the new one is in and active: a PeftModel always keeps one adapter.
+        self.model.set_adapter(name)
+        while len(self.loaded) > self.settings.peft_max_adapters:
+            _, oldest = self.loaded.popitem(last=False)
+            self.model.delete_adapter(oldest)
         self.metrics.adapter_loads.labels(ref, "peft").inc()
         self.metrics.adapter_load_latency.labels("peft").observe(time.monotonic() - started)
         return name

@@ -3,7 +3,10 @@
 vLLM runs as its own process group (``python -m vllm.entrypoints.openai.api_server``) with
 runtime LoRA loading on; adapterdeck's resolver plugin (registered under
 ``vllm.general_plugins``) loads ``tenant/name@N`` from the registry on first use. If the process
-dies it is started again after a short backoff; while it is down, requests fail fast with 503.
+dies it is started again after a short backoff; while it is down, requests fail fast with 503
+(or, with several replicas, go to the others: ``adapterdeck serve --replicas N`` runs one
+supervisor per replica, each on its own port, log and share of the cores or GPUs:
+``placement_env``).
 
 Only the gateway may reach it: every start gets a new random API key (in vLLM's environment,
 ``VLLM_API_KEY``, never on its command line, which any user of the machine can read), which the
@@ -22,7 +25,9 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -33,6 +38,7 @@ logger = logging.getLogger("adapterdeck.serve")
 GUARD = "adapterdeck.serve.engines.guard.EngineGuard"
 LOG_TAIL_LINES = 20
 PORT_RETRY_SECONDS = 10.0
+T = TypeVar("T")
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
@@ -50,13 +56,43 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def check_vllm_port(settings: ServeSettings) -> None:
-    """Fail with one line when the port of the vLLM server to start is taken."""
-    port = settings.vllm.port
-    if port_taken(port):
-        raise AdapterdeckError(
-            f"vLLM's port {port} on 127.0.0.1 is taken by another process: free it, or give vLLM "
-            "another port (--vllm-port, or vllm.port in --config), or use a running vLLM (--vllm-url)"
-        )
+    """Fail with one line when a port of the vLLM servers to start is taken."""
+    for i in range(settings.vllm.local_replicas()):
+        port = settings.vllm.port + i
+        if port_taken(port):
+            raise AdapterdeckError(
+                f"vLLM's port {port} on 127.0.0.1 is taken by another process: free it, or give vLLM "
+                "another port (--vllm-port, or vllm.port in --config), or use a running vLLM (--vllm-url)"
+            )
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The GPUs this machine lets vLLM use: ``CUDA_VISIBLE_DEVICES`` when set, else every
+    ``/dev/nvidiaN`` (none on a CPU machine)."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        return [
+            d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"
+        ]
+    return sorted((p.name[6:] for p in Path("/dev").glob("nvidia[0-9]*")), key=int)
+
+
+def share(items: Sequence[T], index: int, count: int) -> list[T]:
+    """Replica ``index``'s contiguous share of ``items`` split ``count`` ways (one item each, in
+    turn, when there are fewer items than replicas)."""
+    if count > len(items):
+        return [items[index % len(items)]] if items else []
+    return list(items[index * len(items) // count : (index + 1) * len(items) // count])
+
+
+def placement_env(index: int, count: int, cpus: Sequence[int], gpus: Sequence[str]) -> dict[str, str]:
+    """The environment that gives replica ``index`` of ``count`` its own devices: on a GPU machine
+    its GPUs (``CUDA_VISIBLE_DEVICES``), else its cores (vLLM's ``VLLM_CPU_OMP_THREADS_BIND``). One
+    replica gets nothing: vLLM's own choice, as with no fleet."""
+    if count <= 1:
+        return {}
+    if gpus:
+        return {"CUDA_VISIBLE_DEVICES": ",".join(share(gpus, index, count))}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share(sorted(cpus), index, count)))}
 
 
 def log_tail(path: Path, start: int, lines: int = LOG_TAIL_LINES) -> str:
@@ -71,11 +107,14 @@ def log_tail(path: Path, start: int, lines: int = LOG_TAIL_LINES) -> str:
 
 
 class VllmSupervisor:
-    def __init__(self, settings: ServeSettings, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, settings: ServeSettings, env: dict[str, str], log_path: Path, port: int | None = None
+    ) -> None:
         self.settings = settings
         self.env = env
         self.log_path = log_path
-        self.url = f"http://127.0.0.1:{settings.vllm.port}"
+        self.port = settings.vllm.port if port is None else port
+        self.url = f"http://127.0.0.1:{self.port}"
         self.process: asyncio.subprocess.Process | None = None
         self.ready = asyncio.Event()
         self.restarts = 0
@@ -92,7 +131,7 @@ class VllmSupervisor:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", self.settings.base,
             "--served-model-name", self.settings.base_name(),
-            "--host", "127.0.0.1", "--port", str(v.port),
+            "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", v.dtype,
             "--enable-lora",
             "--max-loras", str(v.max_loras),
@@ -107,7 +146,7 @@ class VllmSupervisor:
         return cmd + list(v.extra_args)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
+        self._task = asyncio.create_task(self._run(), name=f"vllm-supervisor-{self.port}")
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         self.api_key = secrets.token_urlsafe(32)
@@ -144,11 +183,11 @@ class VllmSupervisor:
     async def _run(self) -> None:
         while not self._stopping:
             self.ready.clear()
-            if port_taken(self.settings.vllm.port):
+            if port_taken(self.port):
                 logger.error(
                     "vLLM cannot start: its port %d on 127.0.0.1 is taken by another process "
                     "(vllm.port, --vllm-port); retrying in %.0f s",
-                    self.settings.vllm.port,
+                    self.port,
                     PORT_RETRY_SECONDS,
                 )
                 await asyncio.sleep(PORT_RETRY_SECONDS)

@@ -5,8 +5,15 @@ object in vLLM's registry: no database is opened until a request needs an adapte
 answers only immutable references ``tenant/name@N`` (vLLM caches a resolved name for the life of
 the process, so a movable alias must never reach it), only for adapters vLLM can serve, and only
 when the version was published for the base vLLM is serving. The adapter's files are copied from
-the blob store into a local cache directory (one per manifest, renamed into place when complete)
-in a worker thread, off vLLM's event loop.
+the blob store into the registry's bounded adapter cache (``registry/cache.py``: one directory per
+manifest, renamed into place when complete, least recently used ones evicted beyond
+``ADAPTERDECK_CACHE_MAX_BYTES``) in a worker thread, off vLLM's event loop.
+
+vLLM asks a resolver only once per name for the life of its process and afterwards reloads the
+adapter from the path it was given whenever it dropped it from memory (``--max-cpu-loras``), so
+``register`` also wraps the path lookup of vLLM's LoRA loader (in the engine process, where it runs):
+before each load, an adapter directory the cache evicted is copied back from its manifest blob, and
+every load marks the directory as used. The resolver's own memory is one fingerprint per base name.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ class AdapterdeckResolver:
 
     def __init__(self) -> None:
         self._registry: Any = None
+        self._cache: Any = None
         self._base_fingerprints: dict[str, str] = {}
         self._lock = threading.Lock()
 
@@ -74,7 +82,7 @@ class AdapterdeckResolver:
             return None
         cache = registry.settings.resolved_cache_dir()
         try:
-            path = registry.materialize(info, cache)
+            path = registry.materialize(info)
         except AdapterdeckError as exc:
             logger.warning("refusing %s: %s", lora_name, exc)
             return None
@@ -83,6 +91,29 @@ class AdapterdeckResolver:
             logger.warning("refusing %s: its files would be outside the cache %s", lora_name, cache)
             return None
         return str(path)
+
+    def heal(self, path: str) -> None:
+        """Before vLLM loads an adapter from ``path``: copy it back if the cache evicted it, mark it
+        used. Opens the blob store only (no database); never raises, so vLLM's own error (a missing
+        directory) is what a failure looks like."""
+        try:
+            with self._lock:
+                if self._cache is None:
+                    from adapterdeck.registry import RegistrySettings
+                    from adapterdeck.registry.cache import AdapterCache
+                    from adapterdeck.registry.store import BlobStore
+
+                    settings = RegistrySettings()
+                    store = BlobStore(settings.resolved_storage_url(), settings.storage_options)
+                    self._cache = AdapterCache(
+                        store,
+                        settings.resolved_cache_dir(),
+                        settings.cache_max_bytes,
+                        settings.cache_min_idle_seconds,
+                    )
+            self._cache.heal(path)
+        except Exception as exc:  # vLLM reports the load's failure itself
+            logger.warning("cannot restore the evicted adapter at %s: %s", path, exc)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         from vllm.lora.request import LoRARequest
@@ -101,4 +132,30 @@ def register() -> None:
     if RESOLVER_NAME in LoRAResolverRegistry.get_supported_resolvers():
         return
     resolver_cls = type("AdapterdeckLoRAResolver", (AdapterdeckResolver, LoRAResolver), {})
-    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver_cls())
+    resolver = resolver_cls()
+    LoRAResolverRegistry.register_resolver(RESOLVER_NAME, resolver)
+    heal_before_loading(resolver)
+
+
+def heal_before_loading(resolver: AdapterdeckResolver) -> None:
+    """Wrap the function vLLM's LoRA loader turns ``lora_path`` into a local path with, so that
+    every (re)load of an adapter goes through ``resolver.heal`` first (see the module docstring)."""
+    try:
+        from vllm.lora import worker_manager
+    except ImportError as exc:
+        logger.warning("evicted adapters cannot be restored before a reload: %s", exc)
+        return
+    original = getattr(worker_manager, "get_adapter_absolute_path", None)
+    if original is None:
+        logger.warning("evicted adapters cannot be restored: vLLM's LoRA loader has no path lookup")
+        return
+    if getattr(original, "adapterdeck_heals", False):
+        return
+
+    def absolute_path(lora_path: str) -> str:
+        path = original(lora_path)
+        resolver.heal(path)
+        return path
+
+    absolute_path.adapterdeck_heals = True  # type: ignore[attr-defined]
+    worker_manager.get_adapter_absolute_path = absolute_path

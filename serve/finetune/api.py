@@ -29,7 +29,6 @@ from adapterdeck.registry.finetune import (
     FileRecord,
     FineTuning,
     JobRecord,
-    epoch,
     resolve_fine_tuned,
 )
 from adapterdeck.registry.tenants import Principal
@@ -369,11 +368,3 @@ def fine_tuned_ref(registry: Registry, model: str, who: Principal) -> str:
         return resolve_fine_tuned(registry, model, _scope(who))
     except NotFound:
         raise model_not_found(model) from None
-
-
-def fine_tuned_models(registry: Registry, who: Principal) -> list[dict[str, Any]]:
-    """``/v1/models`` entries for the caller's fine-tuned models and checkpoints."""
-    return [
-        {"id": name, "object": "model", "created": epoch(created), "owned_by": tenant}
-        for name, tenant, created in _fine_tuning(registry).models(_scope(who))
-    ]

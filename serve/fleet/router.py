@@ -1,0 +1,184 @@
+"""Which replica serves a request: adapter-affinity routing, pure (no I/O; the caller passes the
+time), so every rule below is unit-tested.
+
+- Each adapter (an immutable ``tenant/name@N``) ranks the healthy replicas by rendezvous
+  (highest-random-weight) hashing of its name and each replica's URL; its first ``k`` replicas are
+  its place. Every gateway computes the same order from the same URLs, and a replica that goes
+  away moves only its own adapters (each to its next replica in its order); one that comes back
+  takes back exactly what it had.
+- ``k`` follows the adapter's load: a moving average (EWMA over ``load_window`` seconds) of its
+  in-flight requests. Above ``spread_load`` per replica it gets one more replica (up to
+  ``k_max``); it gives one back when, with one replica less, it would stay under ``shrink_load``
+  and it has kept its ``k`` for ``shrink_after`` seconds (the hysteresis: no flapping).
+- Bounded load (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam): no
+  replica is chosen whose in-flight requests would pass ceil((1 + load_factor) * (all in-flight
+  + 1) / healthy replicas) while another would not; an adapter whose ``k`` replicas are all full
+  overflows to the next replicas in its own order.
+- Among the allowed replicas of its ``k`` (else of the overflow), one where the adapter is
+  resident (loaded: no cold start) first, then the least loaded (so a hot adapter's requests
+  split over its ``k`` replicas), then the highest rendezvous score.
+- The base model needs no loading: the least loaded healthy replica.
+- ``fleet.policy`` ``round_robin`` or ``least_loaded`` replaces all of the above for adapters by a
+  baseline blind to them (what affinity is measured against in ``bench/fleet.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from adapterdeck.serve.settings import FleetSettings
+
+MAX_TRACKED = 100_000  # adapters whose load is remembered (idle ones are forgotten first)
+
+
+class Routable(Protocol):
+    """What routing needs of a replica."""
+
+    url: str
+    in_flight: int
+
+    def holds(self, name: str) -> bool: ...
+
+
+R = TypeVar("R", bound=Routable)
+
+
+def score(name: str, url: str) -> int:
+    """The rendezvous weight of replica ``url`` for ``name``: a stable 64-bit hash of both."""
+    digest = hashlib.blake2b(f"{name}\0{url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def ranked(name: str, replicas: Sequence[R]) -> list[R]:
+    """``replicas`` in ``name``'s rendezvous order, highest weight first."""
+    return sorted(replicas, key=lambda r: (score(name, r.url), r.url), reverse=True)
+
+
+def load_cap(replicas: Sequence[Routable], load_factor: float) -> int:
+    """The most in-flight requests a replica may hold after taking one more."""
+    total = sum(r.in_flight for r in replicas)
+    return math.ceil((1 + load_factor) * (total + 1) / len(replicas))
+
+
+@dataclass
+class AdapterLoad:
+    """One adapter's load: in flight now, its moving average, and its replica count ``k``."""
+
+    k: int
+    since: float  # when ``k`` last changed
+    seen: float  # when ``average`` was last brought up to date
+    in_flight: int = 0
+    average: float = 0.0
+
+
+class Router:
+    """Routing decisions and the per-adapter load they depend on (see the module docstring)."""
+
+    def __init__(self, settings: FleetSettings, max_tracked: int = MAX_TRACKED) -> None:
+        self.settings = settings
+        self.max_tracked = max_tracked
+        self.loads: OrderedDict[str, AdapterLoad] = OrderedDict()
+        self.floors: OrderedDict[str, int] = OrderedDict()  # k at least, for pinned adapters
+        self.turn = 0  # the next replica of the round-robin baseline
+
+    # -- load --------------------------------------------------------------------------------
+
+    def _load(self, name: str, now: float) -> AdapterLoad:
+        load = self.loads.get(name)
+        if load is None:
+            load = self.loads[name] = AdapterLoad(k=self.floor(name), since=now, seen=now)
+            self._forget_idle()
+        else:
+            self.loads.move_to_end(name)
+            # The in-flight count held since ``seen``: the exact continuous-time EWMA.
+            weight = 1 - math.exp(-max(0.0, now - load.seen) / self.settings.load_window)
+            load.average += weight * (load.in_flight - load.average)
+            load.seen = now
+        return load
+
+    def _forget_idle(self) -> None:
+        while len(self.loads) > self.max_tracked:
+            name, oldest = next(iter(self.loads.items()))
+            if oldest.in_flight:
+                break
+            del self.loads[name]
+
+    def started(self, name: str, now: float) -> None:
+        """A request to ``name`` went out."""
+        self._load(name, now).in_flight += 1
+
+    def finished(self, name: str, now: float) -> None:
+        """A request to ``name`` is over (answered, failed or broken off)."""
+        load = self._load(name, now)
+        load.in_flight = max(0, load.in_flight - 1)
+
+    def floor(self, name: str) -> int:
+        return max(self.settings.k_min, self.floors.get(name, 0))
+
+    def set_floor(self, name: str, k: int) -> None:
+        """Keep ``name`` on ``k`` replicas at least (a pinned adapter on the replicas it was warmed on)."""
+        self.floors[name] = k
+        self.floors.move_to_end(name)
+        while len(self.floors) > self.max_tracked:
+            self.floors.popitem(last=False)
+        if name in self.loads:
+            self.loads[name].k = max(self.loads[name].k, k)
+
+    def spread(self, name: str, now: float, healthy: int) -> int:
+        """``name``'s replica count now (at most ``healthy``), grown or shrunk by its load."""
+        s = self.settings
+        load = self._load(name, now)
+        floor = self.floor(name)
+        if load.k < min(s.k_max, healthy) and load.average / load.k > s.spread_load:
+            load.k, load.since = load.k + 1, now
+        elif (
+            load.k > floor
+            and load.average / (load.k - 1) < s.shrink_load
+            and now - load.since >= s.shrink_after
+        ):
+            load.k, load.since = load.k - 1, now
+        load.k = max(load.k, floor)
+        return max(1, min(load.k, healthy))
+
+    # -- choices -----------------------------------------------------------------------------
+
+    def placement(self, name: str, replicas: Sequence[R], k: int) -> list[R]:
+        """``name``'s first ``k`` replicas: where it is placed (and warmed)."""
+        return ranked(name, replicas)[: max(1, k)]
+
+    def choose(self, name: str, replicas: Sequence[R], now: float) -> R | None:
+        """The replica for a request to adapter ``name`` among the healthy ``replicas`` (None: none)."""
+        if not replicas:
+            return None
+        if self.settings.policy != "affinity":
+            return self.baseline(replicas)
+        order = ranked(name, replicas)
+        k = self.spread(name, now, len(order))
+        cap = load_cap(order, self.settings.load_factor)
+        for tier in (order[:k], order[k:]):
+            allowed = [r for r in tier if r.in_flight + 1 <= cap]
+            if allowed:
+                # Resident first, then the least loaded (a hot adapter's requests split over its
+                # k replicas); ``min`` keeps the first of equals: the highest weight.
+                return min(allowed, key=lambda r: (not r.holds(name), r.in_flight))
+        return order[0]  # not reached: the cap leaves room on the least loaded replica
+
+    def baseline(self, replicas: Sequence[R]) -> R:
+        """``fleet.policy``'s baselines, blind to adapters (to measure affinity against):
+        round_robin takes the replicas in turn, least_loaded the one with the fewest in flight."""
+        order = sorted(replicas, key=lambda r: r.url)
+        if self.settings.policy == "round_robin":
+            self.turn += 1
+            return order[self.turn % len(order)]
+        return min(order, key=lambda r: r.in_flight)
+
+    def choose_base(self, name: str, replicas: Sequence[R]) -> R | None:
+        """The least loaded healthy replica (ties: ``name``'s rendezvous order, so it is stable)."""
+        if not replicas:
+            return None
+        return min(ranked(name, replicas), key=lambda r: r.in_flight)
