@@ -38,7 +38,7 @@ def fresh_plugins() -> Iterator[None]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
     """Run the installed ``adapterdeck`` command as a user would."""
     full_env = {**os.environ, **(env or {})}
@@ -48,7 +48,7 @@ def run_cli(
         text=True,
         env=full_env,
         cwd=cwd,
-        timeout=600,
+        timeout=timeout,
     )
 
 

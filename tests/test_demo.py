@@ -27,8 +27,11 @@ def test_demo_files_are_generated_deterministically(tmp_path: Path) -> None:
 
 
 @pytest.mark.vllm
+@pytest.mark.timeout(1800)  # about 3 minutes alone; much more on a machine shared with other jobs
 def test_demo_run_is_the_whole_product_and_reaches_the_bar(tmp_path: Path) -> None:
-    result = run_cli("demo", "run", "--base", "tiny", "--workdir", str(tmp_path), env={"COLUMNS": "200"})
+    result = run_cli(
+        "demo", "run", "--base", "tiny", "--workdir", str(tmp_path), env={"COLUMNS": "200"}, timeout=1500
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for task in ("support", "sentiment"):
         report = json.loads((tmp_path / "runs" / task / "report.json").read_text())
