@@ -497,6 +497,7 @@ def failover_report(fo: Failover) -> None:
 
 
 def main() -> int:
+    global MAX_CPU_LORAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per policy per round")
     parser.add_argument("--adapters", type=int, default=1000)
@@ -507,11 +508,15 @@ def main() -> int:
         "--before-kill", type=float, default=20, help="seconds of failover load before the kill"
     )
     parser.add_argument("--after-back", type=float, default=20, help="... and after the restart")
+    parser.add_argument(
+        "--cpu-loras", type=int, default=MAX_CPU_LORAS, help="vllm.max_cpu_loras: adapters each replica keeps"
+    )
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a short run: does it work")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "fleet")
     args = parser.parse_args()
+    MAX_CPU_LORAS = args.cpu_loras
     if args.quick:
         args.requests, args.rounds, args.before_kill, args.after_back = 40, 1, 8, 8
     args.workdir.mkdir(parents=True, exist_ok=True)
