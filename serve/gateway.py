@@ -22,6 +22,7 @@ from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM
 from adapterdeck.registry import NotFound, Registry
 from adapterdeck.registry.cache import Lru
 from adapterdeck.registry.experiments import Experiment, Variant
+from adapterdeck.registry.finetune import resolve_fine_tuned
 from adapterdeck.registry.refs import InvalidRef, Ref, parse_ref
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Keys
@@ -30,7 +31,6 @@ from adapterdeck.serve.engines.vllm import VllmEngine
 from adapterdeck.serve.errors import ApiError, bad_request, model_not_found
 from adapterdeck.serve.experiments.shadow import Shadows
 from adapterdeck.serve.experiments.traffic import Traffic, user_id
-from adapterdeck.serve.finetune.api import fine_tuned_ref
 from adapterdeck.serve.limits import Limiter, check_request, then
 from adapterdeck.serve.metrics import Metrics
 from adapterdeck.serve.outage import DatabaseStatus, Remembered
@@ -103,9 +103,12 @@ class Gateway:
                 "'model' is required: the base, tenant/name, tenant/name@N or tenant/name:alias", "model"
             )
         if model.startswith("ft:"):  # a fine-tuning job's result: its immutable ref
-            lookup = partial(fine_tuned_ref, self.registry, model, principal)
+            lookup = partial(resolve_fine_tuned, self.registry, model, principal.tenant)
             scoped = f"{principal.tenant or ''}|{model}"  # each caller's answer: a 404 for others
-            model = await self.database.fetch(lookup, scoped, self._last_versions)
+            try:
+                model = await self.database.fetch(lookup, scoped, self._last_versions)
+            except NotFound:
+                raise model_not_found(model) from None
         if model in (self.settings.base_name(), self.settings.base):
             return self.base_target(principal.tenant or "admin")
         try:

@@ -29,7 +29,6 @@ from adapterdeck.registry.finetune import (
     FileRecord,
     FineTuning,
     JobRecord,
-    resolve_fine_tuned,
 )
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller, tenant_only
@@ -357,14 +356,3 @@ async def list_checkpoints(
 
     found = await asyncio.to_thread(page)
     return page_object([checkpoint_object(c) for c in found.items], found.has_more, ids=True)
-
-
-# -- the gateway's hooks ------------------------------------------------------------------------
-
-
-def fine_tuned_ref(registry: Registry, model: str, who: Principal) -> str:
-    """The immutable ref a fine-tuned model name (``ft:...``) stands for; 404 unless it is the caller's."""
-    try:
-        return resolve_fine_tuned(registry, model, _scope(who))
-    except NotFound:
-        raise model_not_found(model) from None
