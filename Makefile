@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.adapterdeck-installed
 
-.PHONY: install test lint demo clean
+.PHONY: install browser test lint demo clean
 
 install: $(STAMP)
 
@@ -22,11 +22,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $(STAMP)
 
+# The dashboard's browser tests (tests/test_ui.py) drive Debian's Chromium through Playwright;
+# Playwright downloads no browser.
+browser:
+	@command -v chromium >/dev/null || { echo "installing chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint
+test: install browser lint
 	$(BIN)/python -m pytest
 
 demo: install

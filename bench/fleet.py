@@ -1,23 +1,29 @@
 """Fleet: adapter-affinity routing vs round-robin vs least-loaded over two vLLM replicas, then a
 replica killed under load.
 
-    .venv/bin/python bench/fleet.py [--requests 300] [--adapters 1000] [--working-set 200]
-                                    [--rounds 2] [--clients 8] [--quick] [--workdir DIR]
+    .venv/bin/python bench/fleet.py [--requests 300] [--warmup 300] [--adapters 1000]
+                                    [--working-set 200] [--cpu-loras 100] [--rounds 2]
+                                    [--clients 8] [--quick] [--workdir DIR]
 
 A fresh registry holds ``--adapters`` published adapters (one random LoRA published once, then
 ``tests/registry_helpers.bulk_fill``: each adapter its own manifest, so its own cache directory and
 its own load in vLLM). Two CPU vLLM replicas of the offline demo base (float32), each on its share
-of the cores and with few LoRA slots (``vllm.max_loras`` 2, ``vllm.max_cpu_loras`` 4), are started
-once with the command ``adapterdeck serve`` gives them; three gateways share them (``--vllm-url``
-twice), one per ``fleet.policy``: ``affinity`` (the fleet's router), ``round_robin`` and
-``least_loaded`` (baselines). Every request streams a chat completion (``max_tokens`` 16,
-``ignore_eos``) to an adapter drawn from ``--working-set`` of them with Zipf(1.0) popularity.
+of the cores and with few LoRA slots (``vllm.max_loras`` 2 adapters per batch, ``vllm.max_cpu_loras``
+``--cpu-loras`` kept loaded: by default half the working set, so the fleet as a whole can keep the
+working set loaded but one replica cannot), are started once with the command ``adapterdeck
+serve`` gives them; three gateways share them (``--vllm-url`` twice), one per ``fleet.policy``:
+``affinity`` (the fleet's router), ``round_robin`` and ``least_loaded`` (baselines). Every request
+streams a chat completion (``max_tokens`` 16, ``ignore_eos``) to an adapter drawn from
+``--working-set`` of them with Zipf(1.0) popularity.
 
 (a) Routing, in ``--rounds`` rounds of one block per policy (rotated each round; every block of a
-    round sends the same ``--requests`` requests from ``--clients`` workers). Before each block,
-    2 x ``max_cpu_loras`` adapters outside the working set go through the round-robin gateway, so
-    every block starts with the replicas' caches full of adapters it does not ask for. Reported
-    per policy: throughput (requests/s), adapter loads per 1,000 requests (the gateway's
+    round sends the same ``--requests`` requests from ``--clients`` workers). Each block measures
+    the steady state of a fleet that has been serving its working set for a while under that
+    policy: first 2 x ``max_cpu_loras`` adapters outside the working set go through the round-robin
+    gateway (so nothing the previous block loaded helps this one), then, through the block's own
+    gateway and not counted, every adapter of the working set once (in random order) and
+    ``--warmup`` requests of the same Zipf popularity; then the counted requests. Reported per
+    policy: throughput (requests/s), adapter loads per 1,000 requests (the gateway's
     ``adapterdeck_replica_adapter_loads`` counters: requests that sent an adapter to a replica that
     did not hold it, as far as that gateway knows) and p50/p95 time to first token. Goals:
     affinity >= 1.3x round-robin throughput and <= 0.3x its loads per 1,000.
@@ -59,7 +65,7 @@ from serving import SERVED, free_port, say  # noqa: E402
 
 TENANT = "fleet"
 POLICIES = ("affinity", "round_robin", "least_loaded")
-MAX_LORAS, MAX_CPU_LORAS = 2, 4
+MAX_LORAS, MAX_CPU_LORAS = 2, 100
 MAX_TOKENS = 16
 TIMEOUT = 120
 GOAL_THROUGHPUT, GOAL_LOADS, GOAL_TAKEOVER = 1.3, 0.3, 1.0
@@ -132,10 +138,14 @@ def killpg(pid: int, sig: int) -> None:
         pass
 
 
+LOAD_FACTOR: float | None = None  # --load-factor: fleet.load_factor of the affinity gateway
+
+
 def settings_yaml(policy: str) -> str:
+    bound = f", load_factor: {LOAD_FACTOR}" if LOAD_FACTOR is not None and policy == "affinity" else ""
     return (
         f"vllm: {{max_loras: {MAX_LORAS}, max_cpu_loras: {MAX_CPU_LORAS}, nice: 0}}\n"
-        f"fleet: {{policy: {policy}}}\n"
+        f"fleet: {{policy: {policy}{bound}}}\n"
     )
 
 
@@ -296,6 +306,20 @@ class Block:
     loads: float
     ttft: list[float]
     errors: int
+    away: float  # share of the answered requests served off the adapter's first rendezvous replica
+
+
+def away_share(outcomes: list[Outcome], urls: list[str]) -> float:
+    """How many answered requests went to a replica other than their adapter's first choice in
+    rendezvous order (replica ids are the positions of ``urls``): spread, overflow or failover."""
+    from adapterdeck.serve.fleet.router import score
+
+    answered = [o for o in outcomes if o.replica is not None]
+    home = {
+        m: max(range(len(urls)), key=lambda i: (score(m, urls[i]), urls[i]))
+        for m in {o.model for o in answered}
+    }
+    return sum(o.replica != str(home[o.model]) for o in answered) / max(1, len(answered))
 
 
 def routing(
@@ -329,8 +353,11 @@ def routing(
             for policy in order:
                 flush = outside[flush_at : flush_at + 2 * MAX_CPU_LORAS]
                 flush_at += len(flush)
-                asyncio.run(drive(gateways["round_robin"].url, key, flush, 1))
+                asyncio.run(drive(gateways["round_robin"].url, key, flush, 2))
                 url = gateways[policy].url
+                seed = rng.randrange(2**31)
+                warm = rng.sample(working, len(working)) + zipf_requests(working, args.warmup, seed)
+                asyncio.run(drive(url, key, warm, args.clients))
                 before = loads(url, admin)
                 started = time.monotonic()
                 outcomes = asyncio.run(drive(url, key, models, args.clients))
@@ -339,12 +366,14 @@ def routing(
                 block = Block(
                     len(outcomes), seconds, loads(url, admin) - before,
                     [o.first - o.start for o in ok if o.first is not None], len(outcomes) - len(ok),
+                    away_share(ok, [p.url for p in procs[:2]]),
                 )  # fmt: skip
                 blocks[policy].append(block)
                 say(
                     f"round {rnd + 1} {policy:>12}: {block.requests / seconds:6.2f} req/s, "
                     f"{1000 * block.loads / block.requests:5.0f} loads/1000, "
-                    f"TTFT p50 {pct(block.ttft, 0.5):.0f} ms, {block.errors} errors"
+                    f"TTFT p50 {pct(block.ttft, 0.5):.0f} ms, {block.errors} errors, "
+                    f"{100 * block.away:.0f}% off the first replica"
                 )
     finally:
         for p in reversed(procs):
@@ -431,7 +460,8 @@ def report(args: argparse.Namespace, blocks: dict[str, list[Block]], fo: Failove
     print(
         f"fleet: 2 vLLM replicas (CPU, max_loras {MAX_LORAS}, max_cpu_loras {MAX_CPU_LORAS}), "
         f"{args.adapters} adapters, Zipf(1.0) over {args.working_set}, {args.rounds} rounds x "
-        f"{args.requests} streamed requests per policy, {args.clients} clients"
+        f"{args.requests} streamed requests per policy after {args.working_set} + {args.warmup} warm-up, "
+        f"{args.clients} clients"
     )
     figures = {}
     print(f"  {'policy':>12}  {'req/s':>7}  {'loads/1000':>10}  {'TTFT p50 ms':>11}  {'p95 ms':>7}  errors")
@@ -497,9 +527,12 @@ def failover_report(fo: Failover) -> None:
 
 
 def main() -> int:
-    global MAX_CPU_LORAS
+    global MAX_CPU_LORAS, LOAD_FACTOR
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per policy per round")
+    parser.add_argument(
+        "--warmup", type=int, default=300, help="uncounted requests per block before the counted ones"
+    )
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--working-set", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
@@ -511,14 +544,21 @@ def main() -> int:
     parser.add_argument(
         "--cpu-loras", type=int, default=MAX_CPU_LORAS, help="vllm.max_cpu_loras: adapters each replica keeps"
     )
+    parser.add_argument(
+        "--load-factor",
+        type=float,
+        default=None,
+        help="fleet.load_factor of affinity (default: the setting's)",
+    )
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a short run: does it work")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "fleet")
     args = parser.parse_args()
-    MAX_CPU_LORAS = args.cpu_loras
+    MAX_CPU_LORAS, LOAD_FACTOR = args.cpu_loras, args.load_factor
     if args.quick:
-        args.requests, args.rounds, args.before_kill, args.after_back = 40, 1, 8, 8
+        args.requests, args.warmup, args.rounds, args.before_kill, args.after_back = 40, 20, 1, 8, 8
+        args.working_set, MAX_CPU_LORAS = min(args.working_set, 40), min(MAX_CPU_LORAS, 20)
     args.workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the servers are stopped on the way out
     base, home, names, key, admin = prepare(args.workdir, args.adapters)

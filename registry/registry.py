@@ -41,6 +41,7 @@ from adapterdeck.registry.validate import (
     validate,
 )
 from adapterdeck.registry.versions import (
+    ALL_VERSIONS,
     BY_ALIAS,
     BY_VERSION,
     NEWEST,
@@ -164,6 +165,9 @@ class Registry:
             "base_fingerprint": candidate.base.fingerprint,
         }
         manifest_sha = self.store.put_bytes(json.dumps(manifest, sort_keys=True).encode())
+        report_sha = None
+        if candidate.report is not None:
+            report_sha = self.store.put_bytes(json.dumps(candidate.report, sort_keys=True).encode())
         with write_transaction(self.engine) as conn:
             base_id = self._ensure_base(conn, candidate.base)
             tenant_id = ensure_tenant(conn, ref.tenant)
@@ -197,6 +201,7 @@ class Registry:
                     chat_template_sha256=candidate.base.chat_template_sha256,
                     size_bytes=candidate.size_bytes,
                     library_versions=candidate.library_versions,
+                    report_sha256=report_sha,
                     source=source,
                     created_at=now(),
                 )
@@ -248,6 +253,27 @@ class Registry:
             info.files = [dict(r._mapping) for r in files]
             info.aliases = list(aliases)
         return info
+
+    def versions(self, adapter: str) -> list[VersionInfo]:
+        """Every version of ``tenant/name``, oldest first, each with the aliases pointing at it
+        (one query; no files)."""
+        ref = parse_adapter(adapter)
+        found: dict[int, VersionInfo] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(ALL_VERSIONS, {"tenant": ref.tenant, "name": ref.name}):
+                info = found.setdefault(row.version, version_info(row))
+                if row.alias is not None:
+                    info.aliases.append(row.alias)
+        if not found:
+            raise NotFound(f"no adapter {ref.adapter}")
+        return list(found.values())
+
+    def report(self, ref: str | Ref) -> dict[str, Any] | None:
+        """The run report published with ``ref`` (loss curves, metrics, samples), None without one."""
+        info = self.show(ref)
+        if info.report_sha256 is None:
+            return None
+        return json.loads(self.store.get_bytes(info.report_sha256))
 
     def version_id(self, conn: Connection, info: VersionInfo) -> int:
         """The row id of a resolved version, inside ``conn``'s transaction."""
@@ -399,6 +425,7 @@ class Registry:
         with self.engine.connect() as conn:
             used = set(conn.execute(select(t.version_files.c.sha256).distinct()).scalars())
             used |= set(conn.execute(select(t.versions.c.manifest_sha256)).scalars())
+            used |= set(conn.execute(select(t.versions.c.report_sha256)).scalars()) - {None}
         removed = kept = 0
         for name, age in list(self.store.blobs()):
             if name in used or age < grace_seconds:

@@ -70,6 +70,7 @@ versions = Table(
     Column("chat_template_sha256", String(64)),
     Column("size_bytes", BigInteger, nullable=False),
     Column("library_versions", JSON),
+    Column("report_sha256", String(64)),  # the run's report.json, a blob (None: published without one)
     Column("source", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("adapter_id", "version", name="uq_versions_adapter_version"),

@@ -73,6 +73,7 @@ class Candidate:
     data_format: str | None = None
     metrics: dict[str, Any] | None = None
     library_versions: dict[str, str] = field(default_factory=dict)
+    report: dict[str, Any] | None = None  # the run's whole report.json, kept with the version
 
 
 def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
@@ -475,4 +476,5 @@ def _candidate(
         data_format=data.get("format") or meta.get("format"),
         metrics=test.get("metrics"),
         library_versions=report.get("versions") or {"adapterdeck": meta.get("adapterdeck_version", "")},
+        report=report or None,
     )

@@ -39,6 +39,7 @@ class VersionInfo:
     created_at: str
     library_versions: dict[str, Any] | None
     manifest_sha256: str
+    report_sha256: str | None = None  # the run's report.json (Registry.report reads it)
     aliases: list[str] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
 
@@ -50,6 +51,7 @@ _VERSION_COLUMNS = (
     t.versions.c.id,
     t.versions.c.version,
     t.versions.c.manifest_sha256,
+    t.versions.c.report_sha256,
     t.versions.c.peft_type,
     t.versions.c.method,
     t.versions.c.params,
@@ -80,6 +82,17 @@ BY_VERSION = (
     select(*_VERSION_COLUMNS)
     .select_from(VERSION_FROM)
     .where(_SAME_ADAPTER, t.versions.c.version == bindparam("version"))
+)
+ALL_VERSIONS = (
+    select(*_VERSION_COLUMNS, t.aliases.c.alias)
+    .select_from(
+        VERSION_FROM.outerjoin(
+            t.aliases,
+            and_(t.aliases.c.adapter_id == t.adapters.c.id, t.aliases.c.version_id == t.versions.c.id),
+        )
+    )
+    .where(_SAME_ADAPTER)
+    .order_by(t.versions.c.version, t.aliases.c.alias)
 )
 BY_ALIAS = (
     select(*_VERSION_COLUMNS)
@@ -123,6 +136,7 @@ def version_info(row: Row) -> VersionInfo:
         created_at=iso(row.created_at),
         library_versions=row.library_versions,
         manifest_sha256=row.manifest_sha256,
+        report_sha256=row.report_sha256,
     )
 
 

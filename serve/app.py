@@ -20,6 +20,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import shown
 from adapterdeck.registry import Registry
 from adapterdeck.registry.catalog import model_names
+from adapterdeck.registry.errors import NotFound
 from adapterdeck.registry.untrusted import file_name_problem
 from adapterdeck.serve import errors, openai_schema
 from adapterdeck.serve.auth import AdminCaller, Caller, UploadGuard
@@ -75,7 +76,18 @@ def create_app(settings: ServeSettings, registry: Registry, log_dir: Path | None
     app.include_router(experiments_api.router(gateway.traffic, gateway.metrics))
     app.include_router(finetune_api.router)
     app.include_router(pins_api.router(pins.pins, pins))
+    if settings.ui:
+        _dashboard(app)
     return app
+
+
+def _dashboard(app: FastAPI) -> None:
+    """The web dashboard at ``/ui`` (serve/ui/): pages over this gateway's own API."""
+    from adapterdeck.serve.ui import adapters, experiments, jobs, render, serving
+
+    render.install(app)
+    for module in (adapters, jobs, experiments, serving):
+        app.include_router(module.router)
 
 
 async def health_report(gateway: Gateway) -> dict[str, Any]:
@@ -187,7 +199,27 @@ def _adapter_routes(registry: Registry, pins: PinWarmer) -> APIRouter:
             raise model_not_found(f"{tenant}/{name}")
         info = await asyncio.to_thread(registry.show, f"{tenant}/{name}")
         history = await asyncio.to_thread(registry.alias_history, f"{tenant}/{name}")
-        return {**info.to_dict(), "alias_history": history}
+        versions = await asyncio.to_thread(registry.versions, f"{tenant}/{name}")
+        listed = [{k: v for k, v in each.to_dict().items() if k != "files"} for each in versions]
+        return {**info.to_dict(), "alias_history": history, "versions": listed}
+
+    @api.get("/v1/adapters/{tenant}/{name}/versions/{version}")
+    async def version(tenant: str, name: str, version: int, who: Caller) -> dict[str, Any]:
+        ref = f"{tenant}/{name}@{version}"
+        if not who.may_use(tenant):
+            raise model_not_found(ref)
+        return (await asyncio.to_thread(registry.show, ref)).to_dict()
+
+    @api.get("/v1/adapters/{tenant}/{name}/versions/{version}/report")
+    async def report(tenant: str, name: str, version: int, who: Caller) -> dict[str, Any]:
+        # The run report published with the version: 404 for another tenant's, as for the adapter.
+        ref = f"{tenant}/{name}@{version}"
+        if not who.may_use(tenant):
+            raise model_not_found(ref)
+        found = await asyncio.to_thread(registry.report, ref)
+        if found is None:
+            raise api_error(NotFound(f"{ref} was published without a run report"), code="report_not_found")
+        return found
 
     @api.post("/v1/adapters/{tenant}/{name}/versions", status_code=201)
     async def publish(

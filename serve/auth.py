@@ -16,9 +16,10 @@ from adapterdeck.registry import Registry
 from adapterdeck.registry.cache import Lru
 from adapterdeck.registry.tenants import Principal, authenticate
 from adapterdeck.serve.errors import ApiError, forbidden, unauthorized
-from adapterdeck.serve.limits import Limiter
+from adapterdeck.serve.limits import UI_UPLOAD, Limiter
 from adapterdeck.serve.outage import DatabaseStatus, Remembered
 
+UI_COOKIE = "adapterdeck_ui"  # the dashboard's session cookie (serve/ui/session.py): the API key
 PRINCIPAL = "adapterdeck.principal"  # where UploadGuard leaves the caller, in the request's state
 KEY_TTL = 10.0  # a revoked key stops working within this many seconds
 CACHED_KEYS = 10_000
@@ -98,12 +99,18 @@ def tenant_only(who: Principal, what: str) -> str:
     return who.tenant
 
 
+def _with_bearer(scope: dict[str, Any], key: str) -> Request:
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"authorization"]
+    return Request({**scope, "headers": [*headers, (b"authorization", f"Bearer {key}".encode())]})
+
+
 class UploadGuard:
-    """ASGI middleware: ``POST /v1/files`` and ``POST /v1/adapters/{tenant}/{name}/versions`` are
-    authenticated, checked for the caller's role and counted against the tenant's limits from
-    their headers alone. FastAPI reads a multipart body before any dependency runs; here a
-    request without a valid key (or with the wrong one) is answered at once, and its connection
-    closed, without reading its body."""
+    """ASGI middleware: ``POST /v1/files``, ``POST /v1/adapters/{tenant}/{name}/versions`` and the
+    dashboard's upload (``POST /ui/jobs``, with the key of its session cookie) are authenticated,
+    checked for the caller's role and counted against the tenant's limits from their headers
+    alone. FastAPI reads a multipart body before any dependency runs; here a request without a
+    valid key (or with the wrong one) is answered at once, and its connection closed, without
+    reading its body."""
 
     def __init__(self, app: Any, keys: Keys) -> None:
         self.app, self.keys = app, keys
@@ -111,12 +118,15 @@ class UploadGuard:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         path = scope.get("path", "")
         upload = scope["type"] == "http" and scope.get("method") == "POST"
-        if not upload or not (path == "/v1/files" or _PUBLISH.match(path)):
+        if not upload or not (path in ("/v1/files", UI_UPLOAD) or _PUBLISH.match(path)):
             await self.app(scope, receive, send)
             return
         try:
-            who = await self.keys.principal(Request(scope))
-            if path == "/v1/files":
+            request = Request(scope)
+            if path == UI_UPLOAD:  # the dashboard's upload: its session cookie holds the key
+                request = _with_bearer(scope, request.cookies.get(UI_COOKIE, ""))
+            who = await self.keys.principal(request)
+            if path in ("/v1/files", UI_UPLOAD):
                 tenant_only(who, "Files")
             elif not who.is_admin:
                 raise forbidden("This needs an admin key.")

@@ -225,17 +225,23 @@ class _TooLarge(Exception):
     pass
 
 
+UI_UPLOAD = "/ui/jobs"  # the dashboard's form that uploads a training file and starts a job
+
+
 class BodyLimit:
     """ASGI middleware: a request body over the limit gets 413 before it is read into memory.
 
-    Uploads (``POST /v1/files``, ``POST /v1/adapters/{tenant}/{name}/versions``) have their own,
-    larger limit."""
+    Uploads (``POST /v1/files``, ``POST /v1/adapters/{tenant}/{name}/versions`` and the
+    dashboard's ``POST /ui/jobs``, a training file and a job in one form) have their own, larger
+    limit."""
 
     def __init__(self, app: Any, default: int, uploads: int) -> None:
         self.app, self.default, self.uploads = app, default, uploads
 
     def limit_for(self, path: str) -> int:
-        if path == "/v1/files" or (path.startswith("/v1/adapters/") and path.endswith("/versions")):
+        if path in ("/v1/files", UI_UPLOAD) or (
+            path.startswith("/v1/adapters/") and path.endswith("/versions")
+        ):
             return self.uploads
         return self.default
 

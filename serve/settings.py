@@ -209,6 +209,7 @@ class ServeSettings(Strict):
         16, ge=1, description="embedded PEFT engine: adapters held in memory (least recently used go)"
     )
     finetune: FineTuneSettings = Field(default_factory=FineTuneSettings)
+    ui: bool = Field(True, description="the web dashboard at /ui (false: no /ui routes at all)")
 
     def base_name(self) -> str:
         """The model name of the base on the API: the hub id, or a local directory's name."""

@@ -11,8 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapterdeck.registry.db import utc
 from adapterdeck.registry.experiments.model import CANDIDATE, Experiment
 
+TIMELINE_BUCKETS = 24  # points of an experiment's timeline (the dashboard's charts)
 # A verdict needs this many ratings (or requests, for the error rate) on each side.
 MIN_SAMPLES = 10
 ALPHA = 0.05
@@ -50,7 +52,36 @@ def summarize(experiment: Experiment, rows: Iterable[Any], shadow_outputs: list[
             "recent_outputs": shadow_outputs,
         }
     out["verdict"] = "; ".join(e["vs_control"]["verdict"] for e in variants if "vs_control" in e)
+    out["timeline"] = timeline([v.name for v in experiment.variants], rows)
     return out
+
+
+def timeline(names: list[str], rows: Iterable[Any], buckets: int = TIMELINE_BUCKETS) -> dict[str, Any]:
+    """The served requests (not the shadow's) in ``buckets`` equal spans of time from the first to
+    the last: per variant, requests and the mean score of those rated (None: none rated)."""
+    served = [(utc(r.at).timestamp(), r) for r in rows if not r.shadow and r.variant in names]
+    if not served:
+        return {"start": [], "variants": {n: {"requests": [], "mean_score": []} for n in names}}
+    first = min(at for at, _ in served)
+    span = max(max(at for at, _ in served) - first, 1.0)
+    count = {n: [0] * buckets for n in names}
+    scored = {n: [[0.0, 0] for _ in range(buckets)] for n in names}
+    for at, r in served:
+        i = min(buckets - 1, int((at - first) / span * buckets))
+        count[r.variant][i] += 1
+        if r.score is not None:
+            scored[r.variant][i][0] += r.score
+            scored[r.variant][i][1] += 1
+    return {
+        "start": [round(first + i * span / buckets, 3) for i in range(buckets)],
+        "variants": {
+            n: {
+                "requests": count[n],
+                "mean_score": [round(s / k, 4) if k else None for s, k in scored[n]],
+            }
+            for n in names
+        },
+    }
 
 
 @dataclass

@@ -304,6 +304,7 @@ class Experiments:
                     r.c.prompt_tokens,
                     r.c.completion_tokens,
                     r.c.score,
+                    r.c.at,
                 ).where(r.c.experiment_id == experiment.id)
             ).all()
             samples = conn.execute(
