@@ -7,6 +7,7 @@ the answers side by side, and shut everything down.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,6 +63,9 @@ def demo_run(
     ] = "smollm2-135m-instruct",
     seed: Annotated[int, typer.Option(help="Seed for the base model, the data and the split.")] = 0,
     serve: Annotated[bool, typer.Option(help="Publish, serve and call the adapters after training.")] = True,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Then keep the gateway and its dashboard (/ui) running until Ctrl-C.")
+    ] = False,
 ) -> None:
     """Build the base, train two tenants' adapters, publish, serve through vLLM, call them, shut down."""
     from adapterdeck.core.basemodel import BASE_NAMES, TINY, build_base_model, ensure_named_base
@@ -104,7 +108,7 @@ def demo_run(
         out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
     if serve:
         served = "tiny-base" if not real else base
-        _publish_serve_and_call(workdir, base_dir, runs, served)
+        _publish_serve_and_call(workdir, base_dir, runs, served, keep_serving)
     out.print(f"demo finished in {(time.monotonic() - started) / 60:.1f} minutes")
 
 
@@ -138,7 +142,9 @@ def _results_table(reports: dict[str, dict]) -> Table:
     return table
 
 
-def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path], served: str) -> None:
+def _publish_serve_and_call(
+    workdir: Path, base: Path, runs: dict[str, Path], served: str, keep_serving: bool = False
+) -> None:
     import openai
 
     from adapterdeck.core.demo import SENTIMENT_SYSTEM, SUPPORT_SYSTEM
@@ -208,6 +214,13 @@ def _publish_serve_and_call(workdir: Path, base: Path, runs: dict[str, Path], se
                     answers[model] = f"{reply.choices[0].message.content!s}\n[dim]({reply.model})[/dim]"
                 table.add_row(adapter, text, answers[served], answers[adapter])
         out.print(table)
+        out.print(f"dashboard: {url}/ui, sign in with a tenant's key:")
+        for tenant, key in keys.items():
+            out.print(f"  {tenant}: {key}")
+        if keep_serving:
+            out.print("serving until Ctrl-C")
+            with contextlib.suppress(KeyboardInterrupt):
+                proc.wait()
     finally:
         out.rule("6. shutting down")
         proc.send_signal(signal.SIGTERM)

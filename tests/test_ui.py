@@ -38,12 +38,12 @@ SHOTS = ROOT / "out" / "test-screenshots" / "ui"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 A, B = "uiacme", "uiglobex"  # tenants of this module only (the vLLM home is shared)
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
-SERVED = "tiny"
 
 
 @dataclass
 class Ui:
     url: str
+    served: str  # the base's model name (vLLM's: the base's path)
     keys: dict[str, str]
     registry: Registry
     process: ServeProcess
@@ -71,7 +71,8 @@ def _run_dir(adapter: Path, out: Path) -> Path:
                                         "tuned": {"value": 0.5}, "delta": 0.5}},
         },
         "samples": [{"line": 7, "prompt": "Say hi", "reference": "hi", "base": "hello", "tuned": HOSTILE}],
-        "data": {"format": "chat", "sha256": "ab" * 32, "files": [], "sizes": {"train": 8, "validation": 2, "test": 2}},
+        "data": {"format": "chat", "sha256": "ab" * 32, "files": [],
+                 "sizes": {"train": 8, "validation": 2, "test": 2}},
     }  # fmt: skip
     (out / "report.json").write_text(json.dumps(report))
     return out
@@ -94,14 +95,14 @@ def ui(
     config.write_text(yaml.safe_dump({"finetune": finetune}))
     port = free_port()
     args = [
-        "--base", base_model, "--served-name", SERVED, "--port", str(port), "--vllm-url", vllm_server,
-        "--config", config,
+        "--base", base_model, "--served-name", str(base_model), "--port", str(port),
+        "--vllm-url", vllm_server, "--config", config,
     ]  # fmt: skip
     process = launch("serve", args, {"ADAPTERDECK_HOME": str(vllm_home)}, root / "gateway.log")
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(process, url, timeout=120, interval=0.3, what="gateway")
-        yield Ui(url, keys, registry, process, root)
+        yield Ui(url, str(base_model), keys, registry, process, root)
     finally:
         process.stop(timeout=90)
         registry.close()
@@ -175,8 +176,11 @@ def test_sign_in_shows_each_tenant_only_its_own_and_the_admin_everything(browser
     acme.shot("adapters-tenant")
     assert all(B not in html and "secret-plan" not in html for html in acme.seen)
     # Another tenant's pages answer as the API does: not found, and nothing of theirs shown.
+    # (the same page as for an adapter that does not exist: only the name asked for is repeated).
     response = acme.page.goto(f"{ui.url}/ui/adapters/{B}/secret-plan")
-    assert response.status == 404 and "secret-plan" not in acme.page.inner_text(".error")
+    foreign = acme.page.inner_text(".error")
+    assert response.status == 404 and acme.page.goto(f"{ui.url}/ui/adapters/{B}/no-such").status == 404
+    assert acme.page.inner_text(".error") == foreign.replace("secret-plan", "no-such")
     acme.errors.clear()  # the 404 itself is a console error; nothing else was
 
     globex = sign_in(browser, ui, B)
@@ -189,7 +193,7 @@ def test_sign_in_shows_each_tenant_only_its_own_and_the_admin_everything(browser
     assert f"{A}/reply" in html and f"{B}/secret-plan" in html
     admin.visit(f"{ui.url}/ui/serving")
     assert admin.page.locator("#replicas tbody tr").count() == 1
-    assert admin.page.inner_text("#replicas") .count("ready") == 1
+    assert admin.page.inner_text("#replicas").count("ready") == 1
     admin.shot("serving-admin")
     admin.no_console_errors()
 
@@ -257,7 +261,7 @@ def test_the_playground_streams_the_base_and_an_adapter_side_by_side(browser: An
     s = sign_in(browser, ui, A)
     s.visit(f"{ui.url}/ui/playground")
     s.page.get_by_label("Prompt").fill("Hi, the courier lost my parcel.")
-    s.page.get_by_label("Model 1").select_option(SERVED)
+    s.page.get_by_label("Model 1").select_option(ui.served)
     s.page.get_by_label("Model 2").select_option(f"{A}/reply@1")
     s.page.get_by_label("Model 3").select_option(f"{A}/reply@2")
     s.page.get_by_role("button", name="Send").click()
@@ -268,9 +272,10 @@ def test_the_playground_streams_the_base_and_an_adapter_side_by_side(browser: An
     s.shot("playground")
     s.no_console_errors()
     # The stream is the API's: another tenant's adapter is not found, shown as the answer's error.
-    s.page.get_by_label("Model 1").select_option(SERVED)
+    s.page.get_by_label("Model 1").select_option(ui.served)
     s.page.evaluate(
-        """() => { const o = document.createElement('option'); o.value = o.textContent = 'uiglobex/secret-plan';
+        """() => { const o = document.createElement('option');
+                   o.value = o.textContent = 'uiglobex/secret-plan';
                    document.getElementById('model-2').append(o); }"""
     )
     s.page.get_by_label("Model 3").select_option(f"{B}/secret-plan")
@@ -313,8 +318,8 @@ def test_moving_an_alias_asks_first_and_needs_the_admin(browser: Any, ui: Ui) ->
 
 
 def _experiment_traffic(ui: Ui, n: int = 40) -> None:
-    created = ui.api("POST", "/v1/experiments", json={"name": f"{A}/reply", "control": "v1",
-                                                       "candidates": [{"ref": "v2", "weight": 50}]})  # fmt: skip
+    definition = {"name": f"{A}/reply", "control": "v1", "candidates": [{"ref": "v2", "weight": 50}]}
+    created = ui.api("POST", "/v1/experiments", json=definition)
     assert created.status_code == 201, created.text
     for i in range(n):
         reply = ui.api("POST", "/v1/chat/completions", json={
@@ -323,7 +328,9 @@ def _experiment_traffic(ui: Ui, n: int = 40) -> None:
         assert reply.status_code == 200, reply.text
         variant = reply.headers["x-adapterdeck-variant"]
         thumbs = "up" if (variant == "v2") == (i % 4 != 0) else "down"
-        assert ui.api("POST", "/v1/feedback", json={"response_id": reply.json()["id"], "thumbs": thumbs}).is_success
+        assert ui.api(
+            "POST", "/v1/feedback", json={"response_id": reply.json()["id"], "thumbs": thumbs}
+        ).is_success
 
 
 class _Forger(BaseHTTPRequestHandler):
@@ -331,7 +338,7 @@ class _Forger(BaseHTTPRequestHandler):
 
     target = ""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         page = (f'<form id=f method=post action="{self.target}"><input name=csrf value=guess></form>'
                 "<script>document.getElementById('f').submit()</script>")  # fmt: skip
         self.send_response(200)
@@ -405,6 +412,8 @@ def test_a_job_started_from_the_page_trains_and_its_curve_and_report_show(browse
     assert "line 1" in problem and "line 2" in problem and s.page.evaluate("window.__pwned") is None
     assert ui.api("GET", "/v1/fine_tuning/jobs").json()["data"] == []
     s.shot("job-bad-file")
+    assert s.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
+    s.errors.clear()  # the page's own 400: the refused upload
 
     good = write_demo_dataset(ui.data / "sentiment.jsonl", task="sentiment", n=60, seed=1)
     s.page.get_by_label("Training file").set_input_files(str(good))
@@ -427,10 +436,12 @@ def test_a_job_started_from_the_page_trains_and_its_curve_and_report_show(browse
     s.visit(job_url)
     started = time.monotonic()
     s.page.wait_for_selector("#job-status:has-text('succeeded')", timeout=600_000)
-    assert s.page.locator("#job-curves").count() == 1 and s.page.locator(".chart canvas").count() >= 1
+    events = s.page.inner_text("#events")
+    assert s.page.locator("#job-curves").count() == 1, events
+    assert s.page.locator(".chart canvas").count() >= 1
     assert s.page.locator("#events li").count() >= 3
     model = s.page.inner_text("#fine-tuned-model")
-    assert model.startswith(f"ft:{SERVED}:{A}:fromui:")
+    assert model.startswith(f"ft:{ui.served}:{A}:fromui:")
     s.shot("job-succeeded")
     print(f"job page followed the job to the end in {time.monotonic() - started:.0f} s")
     # Its version page: the run report of a real training run.
@@ -444,12 +455,14 @@ def test_a_job_started_from_the_page_trains_and_its_curve_and_report_show(browse
     s.context.close()
 
 
-def test_the_dashboard_can_be_switched_off(base_model: Path, vllm_server: str, vllm_home: Path, tmp_path: Path) -> None:
+def test_the_dashboard_can_be_switched_off(
+    base_model: Path, vllm_server: str, vllm_home: Path, tmp_path: Path
+) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("ui: false\n")
     port = free_port()
-    args = ["--base", base_model, "--served-name", SERVED, "--port", str(port), "--vllm-url", vllm_server,
-            "--config", config, "--workers", "0"]  # fmt: skip
+    args = ["--base", base_model, "--served-name", str(base_model), "--port", str(port),
+            "--vllm-url", vllm_server, "--config", config, "--workers", "0"]  # fmt: skip
     process = launch("serve", args, {"ADAPTERDECK_HOME": str(vllm_home)}, tmp_path / "gateway.log")
     try:
         wait_ready(process, f"http://127.0.0.1:{port}", timeout=120, interval=0.3, what="gateway")

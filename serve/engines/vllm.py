@@ -60,6 +60,22 @@ async def until_lost(replica: Replica, call: Awaitable[T]) -> T:
         raise ReplicaGone from None
 
 
+async def _first_line(lines: AsyncIterator[bytes]) -> bytes | None:
+    """The stream's first line (None: it ended at once)."""
+    try:
+        return await anext(lines)
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first: bytes | None, lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first is None:
+        return
+    yield first
+    async for line in lines:
+        yield line
+
+
 def _abandon(task: asyncio.Future[Any]) -> None:
     task.cancel()
     task.add_done_callback(_release)
@@ -219,7 +235,17 @@ class VllmEngine:
             return Response(
                 content, status_code=upstream.status, media_type="application/json", headers=replica_header
             )
-        relay = self._relay(upstream, replica, target, wants_usage, started if first_load else None, outcome)
+        # Nothing goes to the client before vLLM's first line: a replica that dies before it
+        # leaves the request untouched, so it is retried on another one (``forward``).
+        lines = upstream.content.__aiter__()
+        try:
+            first = await until_lost(replica, _first_line(lines))
+        except BaseException:
+            upstream.release()
+            raise
+        relay = self._relay(
+            upstream, first, lines, replica, target, wants_usage, started if first_load else None, outcome
+        )
         outcome.streaming = True
         return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
 
@@ -241,6 +267,8 @@ class VllmEngine:
     async def _relay(
         self,
         upstream: aiohttp.ClientResponse,
+        first: bytes | None,
+        lines: AsyncIterator[bytes],
         replica: Replica,
         target: Target,
         wants_usage: bool,
@@ -251,7 +279,7 @@ class VllmEngine:
         taken out again for a client that did not ask for it."""
         status = 200
         try:
-            async for raw in upstream.content:
+            async for raw in _chain(first, lines):
                 line = raw.decode().rstrip("\r\n")
                 if line.startswith("data: ") and line != "data: [DONE]":
                     try:

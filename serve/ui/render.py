@@ -4,6 +4,7 @@ a missing session, a forged form and an API error, and the security headers of e
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,22 @@ def number(value: Any, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}g}"
 
 
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def as_json(value: Any) -> str:
-    """Data for a page's scripts, inside ``<script type="application/json">``: Jinja escapes it, so
-    no value can close the element; the script reads it back with ``textContent``."""
-    return json.dumps(value, allow_nan=False, default=str)
+    """Data for a page's scripts, as a ``data-spec`` attribute: JSON (NaN as null) that the template
+    escapes like any other value, so no value can leave the attribute; the script reads it back
+    with ``JSON.parse(element.dataset.spec)``. (Not a ``<script>`` element: htmx drops those from
+    the parts of a page it swaps in.)"""
+    return json.dumps(_finite(value), default=str, allow_nan=False)
 
 
 templates.env.filters.update(when=when, size=size, number=number, as_json=as_json, q=lambda s: quote(str(s)))
@@ -86,7 +99,7 @@ def install(app: FastAPI) -> None:
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
 
     @app.exception_handler(SignIn)
-    async def _sign_in(request: Request, exc: SignIn) -> Response:
+    async def _sign_in(request: Request, exc: SignIn | None) -> Response:
         if request.headers.get("hx-request") or request.method != "GET":
             response: Response = HTMLResponse("Sign in again.", status_code=401)
             response.headers["HX-Redirect"] = "/ui/login"
@@ -106,6 +119,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiFailed)
     async def _api_failed(request: Request, exc: ApiFailed) -> Response:
+        if exc.status == 401:  # the key stopped working between sign-in and now
+            return await _sign_in(request, None)
         return page(
             request, "error.html", None, status=exc.status, title=f"Error {exc.status}", message=exc.message
         )

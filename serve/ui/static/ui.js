@@ -31,9 +31,8 @@ function aligned(spec) {
 }
 
 function drawChart(box) {
-  const source = document.getElementById(box.dataset.chart);
-  if (!source || typeof uPlot === "undefined") return;
-  const spec = JSON.parse(source.textContent);
+  if (!box.dataset.spec || typeof uPlot === "undefined") return;
+  const spec = JSON.parse(box.dataset.spec);
   const { labels, data } = aligned(spec);
   if (data[0].length === 0) return;
   if (box._plot) box._plot.destroy();
@@ -54,7 +53,7 @@ function drawChart(box) {
 }
 
 function drawCharts(root) {
-  root.querySelectorAll(".chart[data-chart]").forEach(drawChart);
+  root.querySelectorAll(".chart[data-spec]").forEach(drawChart);
 }
 
 document.addEventListener("DOMContentLoaded", () => drawCharts(document));
