@@ -58,10 +58,11 @@ def summarize(experiment: Experiment, rows: Iterable[Any], shadow_outputs: list[
 
 def timeline(names: list[str], rows: Iterable[Any], buckets: int = TIMELINE_BUCKETS) -> dict[str, Any]:
     """The served requests (not the shadow's) in ``buckets`` equal spans of time from the first to
-    the last: per variant, requests and the mean score of those rated (None: none rated)."""
+    the last: per variant, requests, how many of them were rated, and their mean score (None:
+    none rated)."""
     served = [(utc(r.at).timestamp(), r) for r in rows if not r.shadow and r.variant in names]
     if not served:
-        return {"start": [], "variants": {n: {"requests": [], "mean_score": []} for n in names}}
+        return {"start": [], "variants": {n: {"requests": [], "rated": [], "mean_score": []} for n in names}}
     first = min(at for at, _ in served)
     span = max(max(at for at, _ in served) - first, 1.0)
     count = {n: [0] * buckets for n in names}
@@ -77,6 +78,7 @@ def timeline(names: list[str], rows: Iterable[Any], buckets: int = TIMELINE_BUCK
         "variants": {
             n: {
                 "requests": count[n],
+                "rated": [k for _, k in scored[n]],
                 "mean_score": [round(s / k, 4) if k else None for s, k in scored[n]],
             }
             for n in names

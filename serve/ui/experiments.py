@@ -3,6 +3,7 @@ split and the ratings over time) and their actions: set a weight, promote, stop.
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -28,21 +29,32 @@ async def experiments(request: Request, who: Signed) -> Response:
 
 
 def _charts(report: dict[str, Any]) -> dict[str, Any] | None:
-    """Requests per variant and the mean rating per variant over the experiment's life."""
+    """Over the experiment's life: each variant's share of the requests so far (the traffic
+    split, which should settle at the weights) and its mean rating so far."""
     line = report.get("timeline") or {}
     if not line.get("start"):
         return None
-    variants = line["variants"]
+    variants, starts = line["variants"], line["start"]
+    counts = {n: list(accumulate(v["requests"])) for n, v in variants.items()}
+    totals = [sum(c[i] for c in counts.values()) for i in range(len(starts))]
+    share = {n: [round(100 * c[i] / totals[i], 1) if totals[i] else None for i in range(len(starts))]
+             for n, c in counts.items()}  # fmt: skip
+    ratings = {}
+    for n, v in variants.items():
+        rated = [
+            (s * k, k) if s is not None else (0.0, 0)
+            for s, k in zip(v["mean_score"], v["rated"], strict=True)
+        ]
+        sums, seen = list(accumulate(r[0] for r in rated)), list(accumulate(r[1] for r in rated))
+        ratings[n] = [round(a / b, 4) if b else None for a, b in zip(sums, seen, strict=True)]
     return {
         "traffic": {
             "x": "time",
-            "series": {n: list(zip(line["start"], v["requests"], strict=True)) for n, v in variants.items()},
+            "series": {n: list(zip(starts, ys, strict=True)) for n, ys in share.items()},
         },
         "ratings": {
             "x": "time",
-            "series": {
-                n: list(zip(line["start"], v["mean_score"], strict=True)) for n, v in variants.items()
-            },
+            "series": {n: list(zip(starts, ys, strict=True)) for n, ys in ratings.items()},
         },
     }
 

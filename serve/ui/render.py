@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from jinja2 import Undefined
 
 from adapterdeck.serve.ui.client import ApiFailed
 from adapterdeck.serve.ui.session import Forged, Session, SignIn
@@ -60,7 +61,7 @@ def size(value: Any) -> str:
 
 
 def number(value: Any, digits: int = 3) -> str:
-    if value is None:
+    if value is None or isinstance(value, Undefined):
         return "–"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
