@@ -138,11 +138,11 @@ def killpg(pid: int, sig: int) -> None:
         pass
 
 
-LOAD_FACTOR: float | None = None  # --load-factor: fleet.load_factor of the affinity gateway
+AFFINITY: dict[str, str] = {}  # --fleet KEY=VALUE: fleet settings of the affinity gateway
 
 
 def settings_yaml(policy: str) -> str:
-    bound = f", load_factor: {LOAD_FACTOR}" if LOAD_FACTOR is not None and policy == "affinity" else ""
+    bound = "".join(f", {k}: {v}" for k, v in AFFINITY.items()) if policy == "affinity" else ""
     return (
         f"vllm: {{max_loras: {MAX_LORAS}, max_cpu_loras: {MAX_CPU_LORAS}, nice: 0}}\n"
         f"fleet: {{policy: {policy}{bound}}}\n"
@@ -463,6 +463,8 @@ def report(args: argparse.Namespace, blocks: dict[str, list[Block]], fo: Failove
         f"{args.requests} streamed requests per policy after {args.working_set} + {args.warmup} warm-up, "
         f"{args.clients} clients"
     )
+    if AFFINITY:
+        print(f"  affinity gateway's fleet settings: {', '.join(f'{k}={v}' for k, v in AFFINITY.items())}")
     figures = {}
     print(f"  {'policy':>12}  {'req/s':>7}  {'loads/1000':>10}  {'TTFT p50 ms':>11}  {'p95 ms':>7}  errors")
     for policy, bs in blocks.items():
@@ -527,7 +529,7 @@ def failover_report(fo: Failover) -> None:
 
 
 def main() -> int:
-    global MAX_CPU_LORAS, LOAD_FACTOR
+    global MAX_CPU_LORAS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per policy per round")
     parser.add_argument(
@@ -545,17 +547,16 @@ def main() -> int:
         "--cpu-loras", type=int, default=MAX_CPU_LORAS, help="vllm.max_cpu_loras: adapters each replica keeps"
     )
     parser.add_argument(
-        "--load-factor",
-        type=float,
-        default=None,
-        help="fleet.load_factor of affinity (default: the setting's)",
-    )
+        "--fleet", action="append", default=[], metavar="KEY=VALUE",
+        help="a fleet setting of the affinity gateway (e.g. load_factor=0.5); repeatable",
+    )  # fmt: skip
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a short run: does it work")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "fleet")
     args = parser.parse_args()
-    MAX_CPU_LORAS, LOAD_FACTOR = args.cpu_loras, args.load_factor
+    MAX_CPU_LORAS = args.cpu_loras
+    AFFINITY.update(item.split("=", 1) for item in args.fleet)
     if args.quick:
         args.requests, args.warmup, args.rounds, args.before_kill, args.after_back = 40, 20, 1, 8, 8
         args.working_set, MAX_CPU_LORAS = min(args.working_set, 40), min(MAX_CPU_LORAS, 20)

@@ -75,7 +75,7 @@ class FleetSettings(Strict):
     k_min: int = Field(1, ge=1, description="replicas each adapter is placed on at least")
     k_max: int = Field(4, ge=1, description="replicas a hot adapter spreads to at most")
     load_factor: float = Field(
-        0.25, gt=0, description="bounded load: no replica above (1 + this) x the mean in-flight requests"
+        0.5, gt=0, description="bounded load: no replica above (1 + this) x the mean in-flight requests"
     )
     spread_load: float = Field(
         4.0,
