@@ -142,6 +142,33 @@ def _results_table(reports: dict[str, dict]) -> Table:
     return table
 
 
+def _wait_ready(proc: subprocess.Popen, url: str, log: Path) -> None:
+    with err.status(f"starting vLLM and the gateway (log: {log})"):
+        deadline = time.monotonic() + 900
+        while True:
+            if proc.poll() is not None:
+                raise AdapterdeckError(f"the server exited with {proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AdapterdeckError(f"the server was not ready in 15 minutes; see {log}")
+            time.sleep(1)
+
+
+def _dashboard(url: str, keys: dict[str, str], keep: subprocess.Popen | None) -> None:
+    """Where the dashboard is and the keys to sign in with; with ``keep``, serve until Ctrl-C."""
+    out.print(f"dashboard: {url}/ui, sign in with a tenant's key:")
+    for tenant, key in keys.items():
+        out.print(f"  {tenant}: {key}")
+    if keep is not None:
+        out.print("serving until Ctrl-C")
+        with contextlib.suppress(KeyboardInterrupt):
+            keep.wait()
+
+
 def _publish_serve_and_call(
     workdir: Path, base: Path, runs: dict[str, Path], served: str, keep_serving: bool = False
 ) -> None:
@@ -174,19 +201,7 @@ def _publish_serve_and_call(
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        with err.status(f"starting vLLM and the gateway (log: {log})"):
-            deadline = time.monotonic() + 900
-            while True:
-                if proc.poll() is not None:
-                    raise AdapterdeckError(f"the server exited with {proc.returncode}; see {log}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).json().get("status") == "ok":
-                        break
-                except (httpx.HTTPError, ValueError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise AdapterdeckError(f"the server was not ready in 15 minutes; see {log}")
-                time.sleep(1)
+        _wait_ready(proc, url, log)
         out.print(f"gateway ready at {url}/v1")
 
         out.rule("5. calling each tenant's adapter and the base with the openai client")
@@ -214,13 +229,7 @@ def _publish_serve_and_call(
                     answers[model] = f"{reply.choices[0].message.content!s}\n[dim]({reply.model})[/dim]"
                 table.add_row(adapter, text, answers[served], answers[adapter])
         out.print(table)
-        out.print(f"dashboard: {url}/ui, sign in with a tenant's key:")
-        for tenant, key in keys.items():
-            out.print(f"  {tenant}: {key}")
-        if keep_serving:
-            out.print("serving until Ctrl-C")
-            with contextlib.suppress(KeyboardInterrupt):
-                proc.wait()
+        _dashboard(url, keys, proc if keep_serving else None)
     finally:
         out.rule("6. shutting down")
         proc.send_signal(signal.SIGTERM)

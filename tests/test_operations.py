@@ -205,6 +205,9 @@ MATRIX: list[tuple[str, str, dict | None, int, int]] = [
     ("GET", "/v1/adapters", None, 200, 200),
     ("GET", "/v1/adapters/acme/ops", None, 200, 200),
     ("GET", "/v1/adapters/globex/ops", None, 404, 200),
+    ("GET", "/v1/adapters/acme/ops/versions/1", None, 200, 200),
+    ("GET", "/v1/adapters/globex/ops/versions/1", None, 404, 200),
+    ("GET", "/v1/adapters/globex/ops/versions/1/report", None, 404, 404),  # admin: published without one
     ("POST", "/v1/adapters/acme/ops/versions", None, 403, 400),  # admin: no files sent
     ("PUT", "/v1/adapters/acme/ops/aliases/prod", {"version": 1}, 403, 200),
     ("PUT", "/v1/pins/acme/ops/prod", {"replicas": 1}, 403, 200),
@@ -236,6 +239,7 @@ MATRIX: list[tuple[str, str, dict | None, int, int]] = [
 def _template(path: str) -> str:
     path = re.sub(r"/(acme|globex)/ops", "/{t}/{n}", path).replace("/prod", "/{a}")
     path = re.sub(r"(file|ftjob)-unknown", "{id}", path)
+    path = re.sub(r"/versions/\d+", "/versions/{v}", path)
     return re.sub(r"\{[^}]+\}", "{x}", path)
 
 

@@ -81,7 +81,7 @@ def sqlite_registry(tmp_path: Path, lora_dirs: list[Path]) -> Iterator[Registry]
 
 
 def test_pin_list_resolve_and_unpin(registry: Registry) -> None:
-    assert current_revision(registry.engine) == head_revision() == "0005"
+    assert current_revision(registry.engine) == head_revision() >= "0005"  # the pins' migration
     pins = Pins(registry)
     assert pins.list() == [] and pins.resolved() == []
 

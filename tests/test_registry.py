@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import time
 import uuid
@@ -350,6 +351,33 @@ BAD_REFS = [
     ("acme\n/support", r"tenant 'acme\\n' is not valid"),
     ("acme/support:prod\n", r"alias 'prod\\n' is not valid"),
 ]
+
+
+def test_a_version_keeps_its_run_report_and_lists_with_its_aliases(
+    registry: Registry, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(adapters["good"], run / "adapter")
+    report = {
+        "status": "succeeded",
+        "training": {"train_loss": [{"step": 1, "loss": 2.5}]},
+        "test": {"metrics": {"exact_match": {"tuned": {"value": 0.5}}}},
+        "note": "<b>kept</b>",
+    }
+    (run / "report.json").write_text(json.dumps(report))
+    assert registry.publish(adapters["good"], "acme/reported").version == 1  # a bare adapter: no report
+    assert registry.publish(run, "acme/reported", alias="prod").version == 2
+    assert registry.report("acme/reported@1") is None
+    assert registry.report("acme/reported:prod") == report  # the whole report, as published
+    assert registry.show("acme/reported@2").metrics == report["test"]["metrics"]
+    listed = registry.versions("acme/reported")
+    assert [(v.version, v.aliases) for v in listed] == [(1, []), (2, ["prod"])]
+    assert listed[0].report_sha256 is None and listed[1].report_sha256
+    # gc keeps a referenced report's blob; it goes only with its version.
+    registry.gc(grace_seconds=0)
+    assert registry.report("acme/reported@2") == report
+    with pytest.raises(NotFound):
+        registry.versions("acme/no-such")
 
 
 @pytest.mark.parametrize(("ref", "message"), BAD_REFS, ids=[repr(r)[1:-1][:24] for r, _ in BAD_REFS])
