@@ -270,7 +270,7 @@ class Registry:
 
     def report(self, ref: str | Ref) -> dict[str, Any] | None:
         """The run report published with ``ref`` (loss curves, metrics, samples), None without one."""
-        info = self.show(ref)
+        info = self.resolve(ref)
         if info.report_sha256 is None:
             return None
         return json.loads(self.store.get_bytes(info.report_sha256))

@@ -5,13 +5,12 @@ moving an alias (admin)."""
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from adapterdeck.serve.errors import ApiError
-from adapterdeck.serve.ui.client import Api
+from adapterdeck.serve.ui.client import Api, path
 from adapterdeck.serve.ui.render import HEADERS, page
 from adapterdeck.serve.ui.session import Session, checked, session, sign_in, sign_out
 
@@ -74,7 +73,7 @@ async def adapters(request: Request, who: Signed, after: str | None = None) -> R
 
 
 def _path(tenant: str, name: str) -> str:
-    return f"/v1/adapters/{quote(tenant, safe='')}/{quote(name, safe='')}"
+    return path("v1", "adapters", tenant, name)
 
 
 @router.get("/adapters/{tenant}/{name}")
@@ -136,6 +135,6 @@ async def move_alias(
     csrf: FormToken = None,
 ) -> Response:
     who = await checked(request, csrf)
-    await Api(request, who.key).call("PUT", f"{_path(tenant, name)}/aliases/{quote(alias, safe='')}",
+    await Api(request, who.key).call("PUT", _path(tenant, name) + path("aliases", alias),
                                      json={"version": version})  # fmt: skip
-    return redirect(f"/ui/adapters/{quote(tenant, safe='')}/{quote(name, safe='')}")
+    return redirect(path("ui", "adapters", tenant, name))

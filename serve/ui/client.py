@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import Request
@@ -22,6 +23,11 @@ class ApiFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def path(*parts: str) -> str:
+    """A URL path of these segments, each quoted whole (a ``/`` in one cannot add a segment)."""
+    return "".join(f"/{quote(str(p), safe='')}" for p in parts)
 
 
 def own_url(request: Request) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from itertools import accumulate
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import Response
 
 from adapterdeck.serve.ui.adapters import FormToken, Signed, redirect
-from adapterdeck.serve.ui.client import Api
+from adapterdeck.serve.ui.client import Api, path
 from adapterdeck.serve.ui.render import page
 from adapterdeck.serve.ui.session import checked
 
@@ -19,7 +18,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 def _path(tenant: str, name: str) -> str:
-    return f"/v1/experiments/{quote(tenant, safe='')}/{quote(name, safe='')}"
+    return path("v1", "experiments", tenant, name)
 
 
 @router.get("/experiments")
@@ -70,7 +69,7 @@ async def _act(
 ) -> Response:
     who = await checked(request, csrf)
     await Api(request, who.key).post(f"{_path(tenant, name)}/{action}", body)
-    return redirect(f"/ui/experiments/{quote(tenant, safe='')}/{quote(name, safe='')}")
+    return redirect(path("ui", "experiments", tenant, name))
 
 
 @router.post("/experiments/{tenant}/{name}/weights")

@@ -4,13 +4,12 @@ cancel), and a form that uploads a training file and starts a job (its bad lines
 from __future__ import annotations
 
 from typing import Annotated, Any
-from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from adapterdeck.serve.ui.adapters import FormToken, Signed, redirect
-from adapterdeck.serve.ui.client import Api, ApiFailed
+from adapterdeck.serve.ui.client import Api, ApiFailed, path
 from adapterdeck.serve.ui.render import page
 from adapterdeck.serve.ui.session import checked
 
@@ -57,7 +56,7 @@ async def start_job(
         listing = await api.get("/v1/fine_tuning/jobs", limit=50)
         return page(request, "jobs.html", who, status=exc.status, title="Fine-tuning", listing=listing,
                     base=base, problem=exc.message, form=form)  # fmt: skip
-    return redirect(f"/ui/jobs/{quote(job['id'], safe='')}")
+    return redirect(path("ui", "jobs", job["id"]))
 
 
 async def _events(api: Api, job_id: str) -> list[dict[str, Any]]:
@@ -65,7 +64,7 @@ async def _events(api: Api, job_id: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     after = None
     while len(found) < MAX_EVENTS:
-        batch = await api.get(f"/v1/fine_tuning/jobs/{quote(job_id, safe='')}/events", limit=100, after=after)
+        batch = await api.get(path("v1", "fine_tuning", "jobs", job_id, "events"), limit=100, after=after)
         found += batch["data"]
         if not batch["has_more"] or not batch["data"]:
             break
@@ -90,9 +89,9 @@ def _curves(events: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 async def _job_view(request: Request, who: Any, job_id: str) -> dict[str, Any]:
     api = Api(request, who.key)
-    job = await api.get(f"/v1/fine_tuning/jobs/{quote(job_id, safe='')}")
+    job = await api.get(path("v1", "fine_tuning", "jobs", job_id))
     events = await _events(api, job_id)
-    checkpoints = await api.get(f"/v1/fine_tuning/jobs/{quote(job_id, safe='')}/checkpoints", limit=100)
+    checkpoints = await api.get(path("v1", "fine_tuning", "jobs", job_id, "checkpoints"), limit=100)
     return {
         "job": job, "events": events, "checkpoints": checkpoints["data"], "curves": _curves(events),
         "final": job["status"] in FINAL,
@@ -116,5 +115,5 @@ async def job_live(request: Request, who: Signed, job_id: str) -> Response:
 @router.post("/jobs/{job_id}/cancel")
 async def cancel(request: Request, job_id: str, csrf: FormToken = None) -> Response:
     who = await checked(request, csrf)
-    await Api(request, who.key).post(f"/v1/fine_tuning/jobs/{quote(job_id, safe='')}/cancel")
-    return redirect(f"/ui/jobs/{quote(job_id, safe='')}")
+    await Api(request, who.key).post(path("v1", "fine_tuning", "jobs", job_id, "cancel"))
+    return redirect(path("ui", "jobs", job_id))
