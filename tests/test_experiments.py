@@ -136,6 +136,46 @@ def test_promote_and_stop_move_prod_and_end_the_experiment(store: Experiments) -
     assert [h["alias"] for h in registry.alias_history("acme/support")] == ["prod"] * 3
 
 
+def test_feedback_waits_for_a_flush_already_writing_its_response(store: Experiments) -> None:
+    """A rating that arrives while the background flush is writing its response is not refused."""
+    import asyncio
+    import threading
+
+    from adapterdeck.serve.experiments.traffic import Traffic
+    from adapterdeck.serve.outage import DatabaseStatus
+
+    experiment = store.create("acme/support", "v1", [("v2", 50)])
+    traffic = Traffic(store.registry, DatabaseStatus())
+    entered, release = threading.Event(), threading.Event()
+    write = traffic.store.record
+
+    def slow_record(rows):  # the real write, held until the rating has arrived
+        entered.set()
+        release.wait(10)
+        write(rows)
+
+    traffic.store.record = slow_record  # type: ignore[method-assign]
+
+    async def scenario() -> dict:
+        row = {"response_id": "chatcmpl-race", "experiment_id": experiment.id, "variant": "v2",
+               "shadow": 0, "status": 200, "latency_ms": 5, "prompt_tokens": 1,
+               "completion_tokens": 1, "output": None}  # fmt: skip
+        traffic.note(row)
+        background = asyncio.create_task(traffic.flush())
+        await asyncio.to_thread(entered.wait, 10)
+        assert traffic.pending == [] and traffic.has_pending("chatcmpl-race")
+        waiting = asyncio.create_task(traffic.flush())  # what /v1/feedback does first
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        release.set()
+        await asyncio.gather(background, waiting)
+        assert not traffic.has_pending("chatcmpl-race")
+        return traffic.store.feedback("chatcmpl-race", 1.0, "acme")
+
+    result = asyncio.run(scenario())
+    assert (result["experiment"], result["variant"]) == ("acme/support", "v2")
+
+
 def test_the_significance_test_and_the_verdict() -> None:
     def stats(scores: list[float], requests: int = 0, errors: int = 0) -> Stats:
         s = Stats(scores=list(scores))

@@ -52,6 +52,8 @@ class Traffic:
         self.database = database
         self.running: dict[str, Experiment] = {}
         self.pending: list[dict[str, Any]] = []
+        self.writing: list[dict[str, Any]] = []
+        self._flush_lock = asyncio.Lock()
         self.shadow_slots = asyncio.Semaphore(SHADOW_CONCURRENCY)
         self.shadow_tasks: set[asyncio.Task[Any]] = set()
         self._unreadable = False
@@ -126,14 +128,20 @@ class Traffic:
         )
 
     def has_pending(self, response_id: str) -> bool:
-        return any(r["response_id"] == response_id for r in self.pending)
+        """Whether ``response_id`` is noted but not yet written (queued, or in a flush under way)."""
+        return any(r["response_id"] == response_id for r in (*self.pending, *self.writing))
 
     async def flush(self) -> None:
-        rows, self.pending = self.pending, []
-        if not rows:
-            return
-        try:
-            await asyncio.to_thread(self.store.record, rows)
-        except Exception as exc:
-            logger.warning("cannot record %d experiment requests (will retry): %s", len(rows), exc)
-            self.pending = (rows + self.pending)[:MAX_PENDING]
+        """Write the noted requests; one flush at a time, so a caller that waits sees them written."""
+        async with self._flush_lock:
+            rows, self.pending = self.pending, []
+            if not rows:
+                return
+            self.writing = rows
+            try:
+                await asyncio.to_thread(self.store.record, rows)
+            except Exception as exc:
+                logger.warning("cannot record %d experiment requests (will retry): %s", len(rows), exc)
+                self.pending = (rows + self.pending)[:MAX_PENDING]
+            finally:
+                self.writing = []
