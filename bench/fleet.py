@@ -3,7 +3,8 @@ replica killed under load.
 
     .venv/bin/python bench/fleet.py [--requests 300] [--warmup 300] [--adapters 1000]
                                     [--working-set 200] [--cpu-loras 100] [--rounds 2]
-                                    [--clients 8] [--quick] [--workdir DIR]
+                                    [--clients 8] [--fleet KEY=VALUE] [--compare KEY=VALUE]
+                                    [--no-failover] [--quick] [--workdir DIR]
 
 A fresh registry holds ``--adapters`` published adapters (one random LoRA published once, then
 ``tests/registry_helpers.bulk_fill``: each adapter its own manifest, so its own cache directory and
@@ -12,7 +13,8 @@ of the cores and with few LoRA slots (``vllm.max_loras`` 2 adapters per batch, `
 ``--cpu-loras`` kept loaded: by default half the working set, so the fleet as a whole can keep the
 working set loaded but one replica cannot), are started once with the command ``adapterdeck
 serve`` gives them; three gateways share them (``--vllm-url`` twice), one per ``fleet.policy``:
-``affinity`` (the fleet's router), ``round_robin`` and ``least_loaded`` (baselines). Every request
+``affinity`` (the fleet's router, with ``--fleet`` settings), ``round_robin`` and ``least_loaded``
+(baselines), and with ``--compare`` a fourth, ``affinity-b``: the router with other settings. Every request
 streams a chat completion (``max_tokens`` 16, ``ignore_eos``) to an adapter drawn from
 ``--working-set`` of them with Zipf(1.0) popularity.
 
@@ -139,10 +141,16 @@ def killpg(pid: int, sig: int) -> None:
 
 
 AFFINITY: dict[str, str] = {}  # --fleet KEY=VALUE: fleet settings of the affinity gateway
+COMPARED: dict[str, str] = {}  # --compare KEY=VALUE: a second affinity gateway, "affinity-b"
+# Each gateway of the routing part: its name -> (fleet.policy, its other fleet settings).
+GATEWAYS: dict[str, tuple[str, dict[str, str]]] = {
+    p: (p, AFFINITY if p == "affinity" else {}) for p in POLICIES
+}
 
 
-def settings_yaml(policy: str) -> str:
-    bound = "".join(f", {k}: {v}" for k, v in AFFINITY.items()) if policy == "affinity" else ""
+def settings_yaml(gateway: str) -> str:
+    policy, extra = GATEWAYS[gateway]
+    bound = "".join(f", {k}: {v}" for k, v in extra.items())
     return (
         f"vllm: {{max_loras: {MAX_LORAS}, max_cpu_loras: {MAX_CPU_LORAS}, nice: 0}}\n"
         f"fleet: {{policy: {policy}{bound}}}\n"
@@ -330,7 +338,8 @@ def routing(
     picked = rng.sample(names, args.working_set)
     working, outside = picked, [n for n in names if n not in set(picked)]
     procs = start_vllms(base, home, args.workdir, vllm_key)
-    blocks: dict[str, list[Block]] = {p: [] for p in POLICIES}
+    names_ = list(GATEWAYS)
+    blocks: dict[str, list[Block]] = {g: [] for g in names_}
     try:
         say("starting 2 vLLM replicas")
         for p in procs:
@@ -340,7 +349,7 @@ def routing(
         gateways = {
             policy: start_gateway(base, home, args.workdir, f"gateway-{policy}", settings_yaml(policy), urls,
                                   {"ADAPTERDECK_VLLM_API_KEY": vllm_key})
-            for policy in POLICIES
+            for policy in names_
         }  # fmt: skip
         procs += gateways.values()
         for policy, g in gateways.items():
@@ -349,7 +358,7 @@ def routing(
         flush_at = 0
         for rnd in range(args.rounds):
             models = zipf_requests(working, args.requests, args.seed + rnd)
-            order = POLICIES[rnd % 3 :] + POLICIES[: rnd % 3]
+            order = names_[rnd % len(names_) :] + names_[: rnd % len(names_)]
             for policy in order:
                 flush = outside[flush_at : flush_at + 2 * MAX_CPU_LORAS]
                 flush_at += len(flush)
@@ -465,6 +474,8 @@ def report(args: argparse.Namespace, blocks: dict[str, list[Block]], fo: Failove
     )
     if AFFINITY:
         print(f"  affinity gateway's fleet settings: {', '.join(f'{k}={v}' for k, v in AFFINITY.items())}")
+    if COMPARED:
+        print(f"  affinity-b gateway's fleet settings: {', '.join(f'{k}={v}' for k, v in COMPARED.items())}")
     figures = {}
     print(f"  {'policy':>12}  {'req/s':>7}  {'loads/1000':>10}  {'TTFT p50 ms':>11}  {'p95 ms':>7}  errors")
     for policy, bs in blocks.items():
@@ -484,6 +495,10 @@ def report(args: argparse.Namespace, blocks: dict[str, list[Block]], fo: Failove
     print(f"  affinity / round-robin loads per 1,000 {fewer:.2f}x (goal <= {GOAL_LOADS}x): "
           f"{'PASS' if fewer <= GOAL_LOADS else 'FAIL'}")  # fmt: skip
     print(f"  affinity / least-loaded throughput {a_rate / figures['least_loaded'][0]:.2f}x")
+    if "affinity-b" in figures:
+        b_rate, b_per = figures["affinity-b"]
+        print(f"  affinity-b / round-robin throughput {b_rate / r_rate:.2f}x, loads per 1,000 "
+              f"{b_per / r_per if r_per else float('nan'):.2f}x")  # fmt: skip
     if fo is not None:
         failover_report(fo)
 
@@ -550,6 +565,10 @@ def main() -> int:
         "--fleet", action="append", default=[], metavar="KEY=VALUE",
         help="a fleet setting of the affinity gateway (e.g. load_factor=0.5); repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="KEY=VALUE",
+        help="adds a second affinity gateway (affinity-b) with this fleet setting; repeatable",
+    )  # fmt: skip
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a short run: does it work")
     parser.add_argument("--seed", type=int, default=0)
@@ -557,6 +576,9 @@ def main() -> int:
     args = parser.parse_args()
     MAX_CPU_LORAS = args.cpu_loras
     AFFINITY.update(item.split("=", 1) for item in args.fleet)
+    if args.compare:
+        COMPARED.update(item.split("=", 1) for item in args.compare)
+        GATEWAYS["affinity-b"] = ("affinity", COMPARED)
     if args.quick:
         args.requests, args.warmup, args.rounds, args.before_kill, args.after_back = 40, 20, 1, 8, 8
         args.working_set, MAX_CPU_LORAS = min(args.working_set, 40), min(MAX_CPU_LORAS, 20)

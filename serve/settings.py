@@ -77,6 +77,12 @@ class FleetSettings(Strict):
     load_factor: float = Field(
         0.5, gt=0, description="bounded load: no replica above (1 + this) x the mean in-flight requests"
     )
+    cold_load_factor: float = Field(
+        1.0,
+        gt=0,
+        description="a replica that holds the adapter may go up to (1 + this) x the mean before a request "
+        "is sent to one that would have to load it",
+    )
     spread_load: float = Field(
         4.0,
         gt=0,
@@ -106,6 +112,8 @@ class FleetSettings(Strict):
     def _ordered(self) -> FleetSettings:
         if self.k_max < self.k_min:
             raise ValueError("k_max must be at least k_min")
+        if self.cold_load_factor < self.load_factor:
+            raise ValueError("cold_load_factor must be at least load_factor")
         if self.shrink_load >= self.spread_load:
             raise ValueError("shrink_load must be below spread_load (the hysteresis)")
         return self

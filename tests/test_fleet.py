@@ -153,9 +153,11 @@ def test_bounded_load_holds_under_a_hot_adapter() -> None:
             continue
         name = rng.choice(names)
         cap = load_cap(replicas, settings.load_factor)
+        wide = load_cap(replicas, settings.cold_load_factor)
         chosen = router.choose(name, replicas, 0.0)
         assert chosen is not None
-        assert chosen.in_flight + 1 <= cap, (chosen.in_flight, cap)
+        # The tight bound, unless keeping it would mean a load; the wide one always.
+        assert chosen.in_flight + 1 <= (cap if chosen.holds(name) is False else wide), (chosen.in_flight, cap)
         chosen.in_flight += 1
         chosen.resident.add(name)
         router.started(name, 0.0)
@@ -180,6 +182,28 @@ def test_a_resident_replica_is_preferred_among_the_allowed() -> None:
     assert router1.choose(name, replicas, 0.0) is third
     third.resident.discard(name)
     assert router1.choose(name, replicas, 0.0) is second  # then its rendezvous order
+
+
+def test_a_request_is_sent_where_it_must_be_loaded_only_past_the_wider_bound() -> None:
+    replicas = stands(2)
+    name = ADAPTERS[3]
+    router = Router(FleetSettings(load_factor=0.5, cold_load_factor=0.75))
+    home, other = ranked(name, replicas)
+    home.resident.add(name)
+    # 8 in flight: cap(0.5) = ceil(1.5 * 9 / 2) = 7, cap(0.75) = ceil(1.75 * 9 / 2) = 8.
+    home.in_flight, other.in_flight = 7, 1
+    assert router.choose(name, replicas, 0.0) is home  # over the tight cap, but the other is cold
+    other.resident.add(name)
+    assert router.choose(name, replicas, 0.0) is other  # resident there too: no load, so it moves
+    other.resident.clear()
+    home.in_flight, other.in_flight = 12, 0  # cap(0.75) = ceil(1.75 * 13 / 2) = 12: past it
+    assert router.choose(name, replicas, 0.0) is other
+    # Not resident at home either: nothing to keep, the tight cap decides.
+    home.resident.clear()
+    home.in_flight = 7
+    assert router.choose(name, replicas, 0.0) is other
+    with pytest.raises(ValueError, match="cold_load_factor must be at least load_factor"):
+        FleetSettings(load_factor=0.5, cold_load_factor=0.25)
 
 
 def test_a_dead_replica_moves_only_its_own_adapters_and_takes_them_back() -> None:

@@ -11,12 +11,20 @@ time), so every rule below is unit-tested.
   ``k_max``); it gives one back when, with one replica less, it would stay under ``shrink_load``
   and it has kept its ``k`` for ``shrink_after`` seconds (the hysteresis: no flapping).
 - Bounded load (consistent hashing with bounded loads, Mirrokni, Thorup and Zadimoghaddam): no
-  replica is chosen whose in-flight requests would pass ceil((1 + load_factor) * (all in-flight
-  + 1) / healthy replicas) while another would not; an adapter whose ``k`` replicas are all full
-  overflows to the next replicas in its own order.
-- Among the allowed replicas of its ``k`` (else of the overflow), one where the adapter is
-  resident (loaded: no cold start) first, then the least loaded (so a hot adapter's requests
-  split over its ``k`` replicas), then the highest rendezvous score.
+  replica is chosen whose in-flight requests would pass cap(ε) = ceil((1 + ε) * (all in-flight +
+  1) / healthy replicas) while another would not, with ε = ``load_factor``.
+- The cost of a cold start counts: a request leaves its ``k`` replicas only for one under the
+  cap, and there for one that already holds the adapter; it is sent where it would have to be
+  loaded (a load, and an eviction of another adapter there) only when none of its ``k`` replicas
+  that hold it is under the wider cap of ε = ``cold_load_factor``. In order:
+  1. its ``k`` replicas under cap(``load_factor``): resident first, then the least loaded (so a
+     hot adapter's requests split over its ``k`` replicas), then the highest rendezvous score;
+  2. the other replicas under that cap that hold it, in its rendezvous order;
+  3. its ``k`` replicas that hold it, under cap(``cold_load_factor``);
+  4. the other replicas under cap(``load_factor``), in its rendezvous order (a cold overflow);
+  5. the least loaded.
+  So the bound every replica keeps is ``cold_load_factor``'s; ``load_factor``'s holds wherever
+  keeping it costs no load.
 - The base model needs no loading: the least loaded healthy replica.
 - ``fleet.policy`` ``round_robin`` or ``least_loaded`` replaces all of the above for adapters by a
   baseline blind to them (what affinity is measured against in ``bench/fleet.py``).
@@ -159,14 +167,23 @@ class Router:
             return self.baseline(replicas)
         order = ranked(name, replicas)
         k = self.spread(name, now, len(order))
+        home, rest = order[:k], order[k:]
         cap = load_cap(order, self.settings.load_factor)
-        for tier in (order[:k], order[k:]):
-            allowed = [r for r in tier if r.in_flight + 1 <= cap]
-            if allowed:
-                # Resident first, then the least loaded (a hot adapter's requests split over its
-                # k replicas); ``min`` keeps the first of equals: the highest weight.
-                return min(allowed, key=lambda r: (not r.holds(name), r.in_flight))
-        return order[0]  # not reached: the cap leaves room on the least loaded replica
+        # ``min`` keeps the first of equals: the highest weight.
+        allowed = [r for r in home if r.in_flight + 1 <= cap]
+        if allowed:
+            return min(allowed, key=lambda r: (not r.holds(name), r.in_flight))
+        for r in rest:
+            if r.holds(name) and r.in_flight + 1 <= cap:
+                return r
+        wide = load_cap(order, self.settings.cold_load_factor)
+        allowed = [r for r in home if r.holds(name) and r.in_flight + 1 <= wide]
+        if allowed:
+            return min(allowed, key=lambda r: r.in_flight)
+        for r in rest:
+            if r.in_flight + 1 <= cap:
+                return r
+        return min(order, key=lambda r: r.in_flight)  # not reached: the cap leaves room somewhere
 
     def baseline(self, replicas: Sequence[R]) -> R:
         """``fleet.policy``'s baselines, blind to adapters (to measure affinity against):
