@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import MethodParams
+from adapterdeck.core.objectives import ObjectiveParams
 from adapterdeck.core.plugins import Catalog, catalog
 
 DEFAULT_METHOD = "lora"
+DEFAULT_OBJECTIVE = "sft"
 
 
 class Strict(BaseModel):
@@ -90,6 +92,13 @@ class MethodConfig(BaseModel):
     name: str = DEFAULT_METHOD
 
 
+class ObjectiveConfig(BaseModel):
+    """``name`` picks an objective plugin; the other keys are its parameters (``beta`` for dpo)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = DEFAULT_OBJECTIVE
+
+
 class TrainConfig(Strict):
     learning_rate: float | None = Field(None, gt=0, description="default: the method's")
     epochs: float = Field(3, gt=0)
@@ -129,6 +138,7 @@ class RunConfig(Strict):
     base: str = Field(description="base model: a local model directory or a hub id")
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -142,8 +152,9 @@ class RunConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _method_shorthand(cls, values: Any) -> Any:
-        if isinstance(values, dict) and isinstance(values.get("method"), str):
-            values = {**values, "method": {"name": values["method"]}}
+        for key in ("method", "objective"):
+            if isinstance(values, dict) and isinstance(values.get(key), str):
+                values = {**values, key: {"name": values[key]}}
         return values
 
     def method_params(self, plugins: Catalog | None = None) -> MethodParams:
@@ -151,6 +162,11 @@ class RunConfig(Strict):
         method = (plugins or catalog()).method(self.method.name)
         extra = dict(self.method.model_extra or {})
         return method.params.model_validate(extra)
+
+    def objective_params(self, plugins: Catalog | None = None) -> ObjectiveParams:
+        """The objective's parameters, validated by the objective's own model."""
+        objective = (plugins or catalog()).objective(self.objective.name)
+        return objective.params.model_validate(dict(self.objective.model_extra or {}))
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -205,12 +221,31 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
         config.method_params(plugins)
     except ValidationError as exc:
         raise AdapterdeckError(_format_errors(source, exc, method.params, ("method",))) from None
+    if config.objective.name not in plugins.objectives:
+        raise AdapterdeckError(
+            f"{source}: objective.name: {plugins.unknown('objective', config.objective.name)}"
+        )
+    objective = plugins.objective(config.objective.name)
+    try:
+        config.objective_params(plugins)
+    except ValidationError as exc:
+        raise AdapterdeckError(_format_errors(source, exc, objective.params, ("objective",))) from None
+    refusal = objective.refuses(method, config.method_params(plugins))
+    if refusal:
+        raise AdapterdeckError(
+            f"{source}: objective {objective.name!r} cannot train method {method.name!r}: {refusal}"
+        )
     for i, name in enumerate(config.eval.evaluators):
         if name not in plugins.evaluators:
             raise AdapterdeckError(f"{source}: eval.evaluators.{i}: {plugins.unknown('evaluator', name)}")
     fmt = config.data.format
     if fmt is not None and fmt not in plugins.formats:
         raise AdapterdeckError(f"{source}: data.format: {plugins.unknown('format', fmt)}")
+    if fmt is not None and (kind := plugins.format(fmt).kind) not in objective.data_kinds:
+        raise AdapterdeckError(
+            f"{source}: data.format: {fmt} data holds {kind}; objective {objective.name!r} trains on "
+            + " or ".join(objective.data_kinds)
+        )
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     return config

@@ -255,6 +255,8 @@ def validate_file(
             continue
         conv = ln.format.to_conversation(ln.record)
         key = tuple((m.role, m.content) for m in conv.messages)
+        if conv.rejected is not None:  # the same prompt and answer against another one is another pair
+            key += (("rejected", conv.rejected.reference),)
         if key in seen:
             ln.reasons.append(f"duplicate of line {seen[key]}")
             continue
@@ -264,6 +266,11 @@ def validate_file(
     report = ValidationReport(str(path), digest.hexdigest(), total, chosen, [], [])
     if token_counter is not None and examples:
         counts = token_counter([c for _, c in examples])
+        # A preference pair is trained on both answers: the longer one must fit.
+        paired = [(i, c.rejected) for i, (_, c) in enumerate(examples) if c.rejected is not None]
+        if paired:
+            for (i, _), n in zip(paired, token_counter([r for _, r in paired]), strict=True):
+                counts[i] = max(counts[i], n)
         report.tokens, report.max_tokens = Spread.of(counts), max_tokens
         kept = []
         for (ln, conv), n in zip(examples, counts, strict=True):

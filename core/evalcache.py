@@ -85,7 +85,7 @@ def base_identity(base: str, model: PreTrainedModel, loaded: str) -> dict[str, A
 
 
 def prompts_digest(examples: Sequence[Conversation]) -> str:
-    payload = [[c.as_dicts(), c.reference] for c in examples]
+    payload = [[c.as_dicts(), c.reference] + ([r.reference] if (r := c.rejected) else []) for c in examples]
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -106,10 +106,12 @@ class BaseOutputCache:
 
         try:
             data = json.loads((self.root / f"{key}.json").read_text(encoding="utf-8"))
-            outputs = ModelOutputs(list(data["losses"]), list(data["predictions"]))
+            outputs = ModelOutputs(
+                list(data["losses"]), list(data["predictions"]), list(data.get("margins") or [None] * n)
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if len(outputs.losses) != n or len(outputs.predictions) != n:
+        if not len(outputs.losses) == len(outputs.predictions) == len(outputs.margins) == n:
             return None
         return outputs
 
@@ -119,7 +121,10 @@ class BaseOutputCache:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp = self.root / f".{key}.{os.getpid()}.tmp"
             tmp.write_text(
-                json.dumps({"losses": outputs.losses, "predictions": outputs.predictions}), encoding="utf-8"
+                json.dumps(
+                    {"losses": outputs.losses, "predictions": outputs.predictions, "margins": outputs.margins}
+                ),
+                encoding="utf-8",
             )
             os.replace(tmp, self.root / f"{key}.json")
         except OSError:

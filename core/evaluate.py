@@ -28,6 +28,13 @@ class ModelOutputs:
 
     losses: list[float | None]  # None where no evaluator needed the loss
     predictions: list[str | None]
+    # log p(preferred answer) - log p(non-preferred answer), summed over each answer's tokens;
+    # None where no evaluator needed it or the example is no preference pair.
+    margins: list[float | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.margins:
+            self.margins = [None] * len(self.losses)
 
 
 @dataclass
@@ -51,13 +58,47 @@ def example_losses(
     progress: Progress | None = None,
 ) -> list[float]:
     """Mean loss on each example's assistant tokens."""
+    return [
+        total / count for total, count in _answer_losses(model, tokenizer, examples, batch_size, progress)
+    ]
+
+
+def preference_margins(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Conversation],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[float | None]:
+    """For each preference pair, log p(preferred) - log p(non-preferred) of the whole answer
+    (the likelihoods DPO compares); None for an example that is no pair."""
+    pairs = [(i, c, c.rejected) for i, c in enumerate(examples) if c.rejected is not None]
+    out: list[float | None] = [None] * len(examples)
+    if not pairs:
+        return out
+    both = [c for _, c, _ in pairs] + [r for _, _, r in pairs if r is not None]
+    sums = [total for total, _ in _answer_losses(model, tokenizer, both, batch_size, progress, "preference")]
+    for j, (i, _, _) in enumerate(pairs):
+        out[i] = sums[len(pairs) + j] - sums[j]  # losses are negative log-likelihoods
+    return out
+
+
+def _answer_losses(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Conversation],
+    batch_size: int,
+    progress: Progress | None,
+    what: str = "loss",
+) -> list[tuple[float, int]]:
+    """The summed loss on each example's assistant tokens, and how many tokens it is over."""
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     only_answers = answer_only_logits(base, model)
-    out: list[float] = []
+    out: list[tuple[float, int]] = []
     for start, batch in _batches(examples, batch_size):
         rows = [encode(tokenizer, c) for c in batch]
         width = max(len(r["input_ids"]) for r in rows)
@@ -81,9 +122,9 @@ def example_losses(
             shifted.reshape(-1, shifted.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="none"
         ).view(target.shape)
         counted = (target != IGNORE).sum(dim=1).clamp(min=1)
-        out.extend((loss.sum(dim=1) / counted).tolist())
+        out.extend(zip(loss.sum(dim=1).tolist(), counted.tolist(), strict=True))
         if progress:
-            progress("loss", start + len(batch), len(examples))
+            progress(what, start + len(batch), len(examples))
     return out
 
 
@@ -144,7 +185,10 @@ def run_model(
     predictions: list[str | None] = [None] * len(examples)
     if budget:
         predictions = list(generate(model, tokenizer, examples, budget, batch_size, progress))
-    return ModelOutputs(losses, predictions)
+    margins: list[float | None] = [None] * len(examples)
+    if any(e.needs_preference for e in evaluators):
+        margins = preference_margins(model, tokenizer, examples, batch_size, progress)
+    return ModelOutputs(losses, predictions, margins)
 
 
 def generation_budget(
@@ -165,8 +209,8 @@ def generation_budget(
 
 def score(evaluator: Evaluator, examples: Sequence[Conversation], outputs: ModelOutputs) -> dict[str, float]:
     samples = [
-        EvalSample(c.prompt, c.reference, prediction=p, loss=loss, meta=c.meta)
-        for c, p, loss in zip(examples, outputs.predictions, outputs.losses, strict=True)
+        EvalSample(c.prompt, c.reference, prediction=p, loss=loss, meta=c.meta, margin=m)
+        for c, p, loss, m in zip(examples, outputs.predictions, outputs.losses, outputs.margins, strict=True)
     ]
     scores = [evaluator.score(s) for s in samples]
     value = evaluator.aggregate(scores)
@@ -277,7 +321,10 @@ class _Runner:
         key = ""
         if cache is not None:
             losses = any(e.needs_loss for e in evs)
-            key = cache.key(prompts, new_tokens=tokens, losses=losses, batch_size=self.batch_size)
+            settings: dict[str, Any] = {"new_tokens": tokens, "losses": losses, "batch_size": self.batch_size}
+            if any(e.needs_preference for e in evs):
+                settings["margins"] = True
+            key = cache.key(prompts, **settings)
             stored = cache.get(key, len(prompts))
             if stored is not None:
                 self.cached.append(shown)

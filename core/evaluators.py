@@ -20,6 +20,9 @@ class EvalSample:
     prediction: str | None = None  # None when the evaluator needs no generation
     loss: float | None = None  # mean loss on the reference tokens
     meta: Mapping[str, Any] = field(default_factory=dict)  # the example's ``Conversation.meta``
+    #: For a preference pair: log p(preferred answer) - log p(non-preferred answer) under the
+    #: model, each summed over the answer's tokens (None unless ``needs_preference``).
+    margin: float | None = None
 
 
 class Evaluator(ABC):
@@ -32,6 +35,8 @@ class Evaluator(ABC):
     needs_generation: ClassVar[bool] = True
     #: False when ``score`` never reads ``sample.loss`` (the loss pass over the examples is skipped).
     needs_loss: ClassVar[bool] = True
+    #: True when ``score`` reads ``sample.margin`` (both answers of each preference pair are scored).
+    needs_preference: ClassVar[bool] = False
 
     #: Most generated answer tokens this evaluator's own examples need (see ``examples``).
     max_new_tokens: ClassVar[int] = 64

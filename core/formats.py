@@ -10,6 +10,12 @@ from typing import Any, ClassVar, Literal
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
+# What a format's records are (``DataFormat.kind``), so objectives can say what they train on.
+CONVERSATIONS = "conversations"  # one conversation, its last assistant turn the answer to learn
+PREFERENCES = "preferences"  # a conversation ending in the preferred answer, the other in ``meta``
+#: ``Conversation.meta`` key of a preference example's non-preferred answer (a string).
+REJECTED = "non_preferred_output"
+
 
 @dataclass(frozen=True)
 class Message:
@@ -43,6 +49,15 @@ class Conversation:
         """The final assistant turn: what a tuned model should answer."""
         return self.messages[-1].content
 
+    @property
+    def rejected(self) -> Conversation | None:
+        """For a preference example, the same conversation ending in the non-preferred answer."""
+        other = self.meta.get(REJECTED)
+        if not isinstance(other, str):
+            return None
+        messages = (*self.messages[:-1], Message("assistant", other))
+        return Conversation(messages, self.line, self.source, self.meta)
+
 
 class DataFormat(ABC):
     """A JSONL record format. Subclass it and register an instance.
@@ -54,6 +69,9 @@ class DataFormat(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    #: What its records are: ``CONVERSATIONS``, or ``PREFERENCES`` (each conversation's ``meta``
+    #: holds the non-preferred answer under ``REJECTED``); objectives take data by kind.
+    kind: ClassVar[str] = CONVERSATIONS
 
     @abstractmethod
     def detect(self, record: Mapping[str, Any]) -> bool:
@@ -79,6 +97,38 @@ def conversation_problems(messages: list[Message]) -> list[str]:
         if m.role == "system" and i != 0:
             found.append(f"message {i + 1}: a system message may only come first")
     return found
+
+
+MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
+
+def message_problems(messages: list[Any], label: str = "message") -> tuple[list[str], list[Message]]:
+    """Every problem of a list of ``{"role", "content"}`` objects (each named ``label i``), and
+    the messages that could be read."""
+    found: list[str] = []
+    parsed: list[Message] = []
+    for i, msg in enumerate(messages, start=1):
+        if not isinstance(msg, dict):
+            found.append(f"{label} {i}: must be an object, got {json_type_name(msg)}")
+            continue
+        role, content = msg.get("role"), msg.get("content")
+        for key in sorted(set(msg) - MESSAGE_KEYS):
+            found.append(f"{label} {i}: unknown key {shown(key)}")
+        if role is None:
+            found.append(f"{label} {i}: missing 'role'")
+        elif role not in ROLES:
+            found.append(f"{label} {i}: unknown role {shown(role)} (expected system, user or assistant)")
+        if content is None:
+            found.append(f"{label} {i}: missing 'content'")
+        elif not isinstance(content, str):
+            found.append(f"{label} {i}: 'content' must be a string, got {json_type_name(content)}")
+        elif not content.strip():
+            found.append(f"{label} {i}: empty content")
+        elif problem := text_problem(content):
+            found.append(f"{label} {i}: content {problem}")
+        if role in ROLES and isinstance(content, str):
+            parsed.append(Message(role, content))
+    return found, parsed
 
 
 def json_type_name(value: object) -> str:

@@ -18,7 +18,12 @@ import pluggy
 if TYPE_CHECKING:
     import typer
 
-    from adapterdeck.core.plugins import EvaluatorRegister, FormatRegister, MethodRegister
+    from adapterdeck.core.plugins import (
+        EvaluatorRegister,
+        FormatRegister,
+        MethodRegister,
+        ObjectiveRegister,
+    )
 
 hookspec = pluggy.HookspecMarker("adapterdeck")
 hookimpl = pluggy.HookimplMarker("adapterdeck")
@@ -32,6 +37,12 @@ def register_formats(register: FormatRegister) -> None:
 @hookspec
 def register_methods(register: MethodRegister) -> None:
     """Add tuning methods: call ``register.add_method(method)`` with a ``TuningMethod`` for each."""
+
+
+@hookspec
+def register_objectives(register: ObjectiveRegister) -> None:
+    """Add training objectives: call ``register.add_objective(objective)`` with a
+    ``TrainingObjective`` for each."""
 
 
 @hookspec

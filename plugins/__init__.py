@@ -7,8 +7,10 @@ installed package's entry points.
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapterdeck.plugins.chat",
     "adapterdeck.plugins.alpaca",
+    "adapterdeck.plugins.preference",
     "adapterdeck.plugins.evaluators",
     "adapterdeck.plugins.general",
     "adapterdeck.plugins.lora",
+    "adapterdeck.plugins.objectives",
     "adapterdeck.plugins.prefix",
 )

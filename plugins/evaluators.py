@@ -58,6 +58,26 @@ class ExactMatch(Evaluator):
         return 1.0 if sample.prediction.strip() == sample.reference.strip() else 0.0
 
 
+class PreferenceAccuracy(Evaluator):
+    name = "preference_accuracy"
+    description = (
+        "share of preference pairs whose preferred answer the model finds more likely than the "
+        "non-preferred one (whole-answer log-likelihood, as DPO compares them)"
+    )
+    higher_is_better = True
+    needs_generation = False
+    needs_loss = False
+    needs_preference = True
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.margin is None:
+            raise ValueError(
+                "the 'preference_accuracy' evaluator needs preference pairs (the preference format), "
+                "but this example has no non-preferred answer"
+            )
+        return 1.0 if sample.margin > 0 else 0.0
+
+
 class JsonValid(Evaluator):
     name = "json_valid"
     description = "1.0 when the answer parses as a JSON value (NaN and Infinity do not), else 0.0"
@@ -109,4 +129,5 @@ def register_evaluators(register: EvaluatorRegister) -> None:
     register.add_evaluator(Loss())
     register.add_evaluator(ExactMatch())
     register.add_evaluator(JsonValid())
+    register.add_evaluator(PreferenceAccuracy())
     register.add_evaluator(RougeL())

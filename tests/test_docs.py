@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from adapterdeck.core import evaluators, formats, hookspecs, methods
+from adapterdeck.core import evaluators, formats, hookspecs, methods, objectives
 from adapterdeck.core.config import RunConfig
 from adapterdeck.registry.settings import RegistrySettings
 from adapterdeck.serve.settings import ServeSettings, WorkerSettings
@@ -122,6 +122,9 @@ def test_each_hook_has_a_test(hook: str) -> None:
         formats.json_type_name,
         methods.MethodParams,
         methods.TuningMethod,
+        objectives.ObjectiveParams,
+        objectives.TrainerParts,
+        objectives.TrainingObjective,
         evaluators.EvalSample,
         evaluators.Evaluator,
     ],
