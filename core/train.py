@@ -314,6 +314,11 @@ def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, 
     run_dir = config.output
     tmp_adapter = run_dir / ".adapter.tmp"
     shutil.rmtree(tmp_adapter, ignore_errors=True)
+    # An objective may have added adapters of its own (DPO's frozen reference copy): the run's
+    # adapter is the one trained.
+    trained = tuning.model.active_adapter
+    for name in [n for n in tuning.model.peft_config if n != trained]:
+        tuning.model.delete_adapter(name)
     tuning.model.save_pretrained(tmp_adapter)
     meta = {
         "method": tuning.method.name,

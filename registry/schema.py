@@ -210,6 +210,8 @@ ft_jobs = Table(
     Column("hyperparameters", JSON, nullable=False),
     # The method plugin and its parameters ({"name": "lora", "r": 8}), and the evaluators.
     Column("adapter_method", JSON, nullable=False),
+    # The objective plugin and its parameters ({"name": "dpo", "beta": 0.1}); null: sft.
+    Column("objective", JSON),
     Column("evaluators", JSON, nullable=False),
     Column("user_metadata", JSON),
     Column("fine_tuned_model", String(255), unique=True),

@@ -243,7 +243,15 @@ def test_jobs_that_cannot_run_are_refused(stack: Stack) -> None:
         (openai.BadRequestError, {"model": "ft:tiny:acme::abcdefgh"}, "model"),
         (openai.BadRequestError, {"training_file": "file-nope"}, "training_file"),
         (openai.BadRequestError, {"training_file": small.id}, "training_file"),
-        (openai.BadRequestError, {"method": {"type": "dpo"}}, "method.type"),
+        (openai.BadRequestError, {"method": {"type": "reinforcement"}}, "method.type"),
+        # Chat data for a DPO job: it trains on preference pairs.
+        (openai.BadRequestError, {"method": {"type": "dpo"}}, "training_file"),
+        (
+            openai.BadRequestError,
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "method.dpo.hyperparameters.beta",
+        ),
+        (openai.BadRequestError, {"method": {"type": "dpo", "supervised": {}}}, "method"),
         (openai.BadRequestError, {"suffix": "no:colons"}, "suffix"),
         (openai.BadRequestError, {"extra_body": {"adapterdeck": {"method": "nope"}}}, "adapterdeck"),
         (openai.BadRequestError, {"extra_body": {"adapterdeck": {"params": {"rank": 8}}}}, "adapterdeck"),
@@ -385,6 +393,47 @@ def test_upload_fine_tune_and_call_the_model_with_the_openai_client(stack: Stack
     with pytest.raises(openai.NotFoundError):
         acme.files.retrieve(uploaded.id)
     assert _ask(acme, done.fine_tuned_model, reviews[0][0]).model == ref  # the model outlives its file
+
+
+@pytest.mark.vllm
+def test_a_dpo_job_through_the_openai_client(stack: Stack) -> None:
+    """OpenAI's DPO method on preference lines: the job trains with TRL's DPOTrainer, reports the
+    held-out preference accuracy, and its model answers at once."""
+    from .test_objectives import write_pairs
+
+    acme = stack.client("acme")
+    path = write_pairs(stack.data / "pairs.jsonl")
+    uploaded = acme.files.create(file=path.open("rb"), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=uploaded.id,
+        suffix="prefers",
+        seed=3,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 2, "batch_size": 8,
+                                                           "learning_rate_multiplier": 15}}},
+        extra_body={"adapterdeck": {"method": "lora", "evaluators": ["loss"]}},
+    )  # fmt: skip
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    assert job.to_dict()["adapterdeck"]["objective"] == {"name": "dpo"}
+
+    def finished() -> Any:
+        current = acme.fine_tuning.jobs.retrieve(job.id)
+        return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+    done = _wait(finished, 300, f"job {job.id}", stack.log)
+    assert done.status == "succeeded", (done.error, stack.log.read_text()[-3000:])
+    assert done.method.type == "dpo" and done.method.dpo.hyperparameters.n_epochs == 2
+    events = _events(acme, job.id)
+    evaluation = next(e for e in events if e.message.startswith("Evaluated on"))
+    accuracy = evaluation.data["preference_accuracy"]
+    assert accuracy["tuned"]["value"] >= 0.9 > accuracy["base"]["value"], accuracy
+    assert acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    _wait(lambda: stack.health()["status"] == "ok", 600, "vLLM ready", stack.log)
+    reply = acme.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Is apple a word?"}], max_tokens=8
+    )
+    assert reply.choices[0].message.content is not None
+    assert reply.model.startswith("acme/ft-prefers-")
 
 
 @pytest.mark.vllm

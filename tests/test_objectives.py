@@ -169,6 +169,10 @@ def test_dpo_raises_the_held_out_preference_accuracy(tmp_path: Path, base_model:
     meta = json.loads((tmp_path / "run" / "adapter" / "adapterdeck.json").read_text())
     assert meta["objective"]["name"] == "dpo" and meta["format"] == "preference"
     assert (tmp_path / "run" / "loss.png").stat().st_size > 0
+    # Only the trained adapter is saved, not DPO's frozen reference copy of it.
+    assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "adapterdeck.json",
+    ]  # fmt: skip
 
 
 # -- the hook --------------------------------------------------------------------------------------

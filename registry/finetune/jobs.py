@@ -76,6 +76,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
         evaluators: list[str],
         metadata: dict[str, str] | None,
         max_attempts: int,
+        objective: dict[str, Any] | None = None,
     ) -> JobRecord:
         """Record a job in ``validating_files``; ``files_validated`` or ``fail`` moves it on."""
         job_id = new_id(JOB_PREFIX)
@@ -94,6 +95,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
                     seed=seed,
                     hyperparameters=hyperparameters,
                     adapter_method=adapter_method,
+                    objective=objective,
                     evaluators=evaluators,
                     user_metadata=metadata,
                     result_files=[],

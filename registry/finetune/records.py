@@ -48,6 +48,7 @@ class JobRecord:
     seed: int
     hyperparameters: dict[str, Any]
     adapter_method: dict[str, Any]
+    objective: dict[str, Any] | None  # {"name": "dpo", "beta": 0.1}; None: sft
     evaluators: list[str]
     user_metadata: dict[str, str] | None
     fine_tuned_model: str | None

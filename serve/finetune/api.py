@@ -34,6 +34,7 @@ from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller, tenant_only
 from adapterdeck.serve.errors import ApiError, api_error, bad_request, model_not_found
 from adapterdeck.serve.finetune.objects import (
+    DpoHyperparameters,
     Hyperparameters,
     JobCreate,
     checkpoint_object,
@@ -216,6 +217,28 @@ def _training_file(jobs: FineTuning, tenant: str, file_id: str, param: str) -> F
     return record
 
 
+def _validation(jobs: FineTuning, tenant: str, body: JobCreate) -> FileRecord | None:
+    if body.validation_file is None:
+        return None
+    return _training_file(jobs, tenant, body.validation_file, "validation_file")
+
+
+def _check_kind(record: FileRecord, objective: dict[str, Any] | None, param: str) -> None:
+    """A DPO job takes preference pairs, a supervised one conversations: refused at creation."""
+    from adapterdeck.core.plugins import catalog
+
+    plugins = catalog()
+    wanted = plugins.objective((objective or {}).get("name", "sft")).data_kinds
+    kind = plugins.formats[record.format].obj.kind if record.format in plugins.formats else None
+    if kind is not None and kind not in wanted:
+        method = "dpo" if objective else "supervised"
+        raise bad_request(
+            f"invalid {param}: {record.id} is in the {record.format} format ({kind}); a {method} job "
+            f"trains on {' or '.join(wanted)}" + (" (the preference format)" if method == "dpo" else ""),
+            param,
+        )
+
+
 def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: JobCreate) -> JobRecord:
     base_name = settings.base_name()
     if body.model not in (base_name, settings.base):
@@ -228,20 +251,26 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
         raise bad_request("integrations are not supported.", "integrations")
     if body.method is not None and body.hyperparameters is not None:
         raise bad_request(
-            "give the hyperparameters in method.supervised, not also at the top level.", "hyperparameters"
+            f"give the hyperparameters in method.{body.method.type}, not also at the top level.",
+            "hyperparameters",
         )
-    hyper = body.hyperparameters or Hyperparameters()
-    if body.method is not None and body.method.supervised is not None:
+    hyper: Hyperparameters = body.hyperparameters or Hyperparameters()
+    objective: dict[str, Any] | None = None
+    if body.method is not None and body.method.type == "dpo":
+        hyper = body.method.dpo.hyperparameters if body.method.dpo else DpoHyperparameters()
+        objective = {"name": "dpo"}
+    elif body.method is not None and body.method.supervised is not None:
         hyper = body.method.supervised.hyperparameters
     training = _training_file(jobs, tenant, body.training_file, "training_file")
+    for record, param in ((training, "training_file"), (_validation(jobs, tenant, body), "validation_file")):
+        if record is not None:
+            _check_kind(record, objective, param)
     if (training.examples or 0) < MIN_TRAINING_EXAMPLES:
         raise bad_request(
             f"invalid training_file: {training.id} has {training.examples} example(s); "
             f"at least {MIN_TRAINING_EXAMPLES} are needed",
             "training_file",
         )
-    if body.validation_file is not None:
-        _training_file(jobs, tenant, body.validation_file, "validation_file")
     options = body.adapterdeck
     adapter_method = {"name": options.method, **options.params}
     hyperparameters = hyper.model_dump()
@@ -251,6 +280,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
             adapter_method=adapter_method,
             evaluators=options.evaluators,
             hyperparameters=hyperparameters,
+            objective=objective,
         )
     except AdapterdeckError as exc:
         raise bad_request(str(exc), "adapterdeck") from None
@@ -264,6 +294,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
         seed=body.seed if body.seed is not None else random.randrange(2**31),
         hyperparameters=hyperparameters,
         adapter_method=adapter_method,
+        objective=objective,
         evaluators=options.evaluators,
         metadata=body.metadata,
         max_attempts=settings.finetune.max_attempts,

@@ -145,6 +145,7 @@ def main(spec_path: str) -> int:
                 evaluators=spec["evaluators"],
                 hyperparameters=resolved,
                 seed=spec["seed"],
+                objective=spec.get("objective"),
                 train=Path(spec["train"]),
                 validation=Path(spec["validation"]) if spec.get("validation") else None,
                 output=Path(spec["output"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from adapterdeck.registry.finetune import CheckpointRecord, EventRecord, FileRecord, JobRecord, epoch
 
@@ -45,9 +45,27 @@ class Supervised(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: _auto_or(float, 0, 2) = "auto"  # type: ignore[valid-type]
+
+
+class Dpo(_Strict):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(_Strict):
-    type: Literal["supervised"]
+    """OpenAI's ``method``: ``supervised`` (objective ``sft``) or ``dpo`` on preference pairs."""
+
+    type: Literal["supervised", "dpo"]
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+
+    @model_validator(mode="after")
+    def _matching(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} given for a method of type {self.type!r}")
+        return self
 
 
 class AdapterdeckOptions(_Strict):
@@ -86,7 +104,12 @@ def file_object(record: FileRecord) -> dict[str, Any]:
 
 
 def job_object(job: JobRecord) -> dict[str, Any]:
-    hyper = {k: job.hyperparameters.get(k, "auto") for k in Hyperparameters.model_fields}
+    dpo = (job.objective or {}).get("name") == "dpo"
+    fields = DpoHyperparameters.model_fields if dpo else Hyperparameters.model_fields
+    hyper = {k: job.hyperparameters.get(k, "auto") for k in fields}
+    method = {"type": "dpo", "dpo": {"hyperparameters": hyper}} if dpo else {
+        "type": "supervised", "supervised": {"hyperparameters": hyper}
+    }  # fmt: skip
     return {
         "id": job.id,
         "object": "fine_tuning.job",
@@ -106,10 +129,11 @@ def job_object(job: JobRecord) -> dict[str, Any]:
         "estimated_finish": epoch(job.estimated_finish),
         "integrations": [],
         "metadata": job.user_metadata,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": method,
         "user_provided_suffix": job.suffix,
         "adapterdeck": {
             "method": job.adapter_method,
+            "objective": job.objective or {"name": "sft"},
             "evaluators": job.evaluators,
             "attempts": job.attempts,
             "max_attempts": job.max_attempts,

@@ -12,6 +12,7 @@ from adapterdeck.core.errors import AdapterdeckError
 AUTO = "auto"
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_BETA = 0.1  # dpo's, as DpoParams has it
 MIN_TRAINING_EXAMPLES = 10
 
 
@@ -19,17 +20,28 @@ def resolve_hyperparameters(requested: dict[str, Any], examples: int, default_lr
     """Concrete values for ``n_epochs``, ``batch_size`` and ``learning_rate_multiplier`` ("auto" or not).
 
     auto: 3 epochs; a batch of 8, or a tenth of the examples for smaller files; the method's own
-    learning rate (multiplier 1).
+    learning rate (multiplier 1); for a DPO job (``beta`` among them), beta 0.1.
     """
     epochs = requested.get("n_epochs", AUTO)
     batch = requested.get("batch_size", AUTO)
     multiplier = requested.get("learning_rate_multiplier", AUTO)
-    return {
+    resolved = {
         "n_epochs": DEFAULT_EPOCHS if epochs == AUTO else int(epochs),
         "batch_size": min(DEFAULT_BATCH_SIZE, max(1, examples // 10)) if batch == AUTO else int(batch),
         "learning_rate_multiplier": 1.0 if multiplier == AUTO else float(multiplier),
         "learning_rate": default_lr * (1.0 if multiplier == AUTO else float(multiplier)),
     }
+    if "beta" in requested:
+        resolved["beta"] = DEFAULT_BETA if requested["beta"] == AUTO else float(requested["beta"])
+    return resolved
+
+
+def objective_config(objective: dict[str, Any] | None, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The run config's ``objective``: the job's (sft when it has none), with a DPO job's beta."""
+    config = dict(objective or {"name": "sft"})
+    if "beta" in hyperparameters:
+        config["beta"] = hyperparameters["beta"]
+    return config
 
 
 def run_config(
@@ -39,6 +51,7 @@ def run_config(
     evaluators: list[str],
     hyperparameters: dict[str, Any],
     seed: int,
+    objective: dict[str, Any] | None = None,
     train: Path,
     validation: Path | None,
     output: Path,
@@ -51,6 +64,7 @@ def run_config(
         "base": base,
         "data": data,
         "method": dict(adapter_method),
+        "objective": objective_config(objective, hyperparameters),
         "train": {
             "epochs": hyperparameters["n_epochs"],
             "batch_size": hyperparameters["batch_size"],
@@ -63,7 +77,12 @@ def run_config(
 
 
 def check_job_config(
-    *, base: str, adapter_method: dict[str, Any], evaluators: list[str], hyperparameters: dict[str, Any]
+    *,
+    base: str,
+    adapter_method: dict[str, Any],
+    evaluators: list[str],
+    hyperparameters: dict[str, Any],
+    objective: dict[str, Any] | None = None,
 ) -> None:
     """Raise ``AdapterdeckError`` naming the key when the method, its parameters, the evaluators or
     the hyperparameters would not make a valid run config."""
@@ -85,6 +104,7 @@ def check_job_config(
         evaluators=evaluators,
         hyperparameters=resolved,
         seed=0,
+        objective=objective,
         train=Path("train.jsonl"),
         validation=None,
         output=Path("run"),

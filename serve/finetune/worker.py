@@ -207,6 +207,7 @@ class Worker:
             "job_id": job.id,
             "base": self.base or job.base,
             "adapter_method": job.adapter_method,
+            "objective": job.objective,
             "evaluators": job.evaluators,
             "hyperparameters": job.hyperparameters,
             "examples": examples,
