@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import MethodParams
-from adapterdeck.core.objectives import ObjectiveParams
+from adapterdeck.core.objectives import ObjectiveParams, data_kind_problem
 from adapterdeck.core.plugins import Catalog, catalog
 
 DEFAULT_METHOD = "lora"
@@ -218,7 +218,7 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
         raise AdapterdeckError(f"{source}: method.name: {plugins.unknown('method', config.method.name)}")
     method = plugins.method(config.method.name)
     try:
-        config.method_params(plugins)
+        method_params = config.method_params(plugins)
     except ValidationError as exc:
         raise AdapterdeckError(_format_errors(source, exc, method.params, ("method",))) from None
     if config.objective.name not in plugins.objectives:
@@ -230,7 +230,7 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
         config.objective_params(plugins)
     except ValidationError as exc:
         raise AdapterdeckError(_format_errors(source, exc, objective.params, ("objective",))) from None
-    refusal = objective.refuses(method, config.method_params(plugins))
+    refusal = objective.refuses(method, method_params)
     if refusal:
         raise AdapterdeckError(
             f"{source}: objective {objective.name!r} cannot train method {method.name!r}: {refusal}"
@@ -241,11 +241,8 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
     fmt = config.data.format
     if fmt is not None and fmt not in plugins.formats:
         raise AdapterdeckError(f"{source}: data.format: {plugins.unknown('format', fmt)}")
-    if fmt is not None and (kind := plugins.format(fmt).kind) not in objective.data_kinds:
-        raise AdapterdeckError(
-            f"{source}: data.format: {fmt} data holds {kind}; objective {objective.name!r} trains on "
-            + " or ".join(objective.data_kinds)
-        )
+    if fmt is not None and (problem := data_kind_problem(objective, fmt, plugins.format(fmt).kind)):
+        raise AdapterdeckError(f"{source}: data.format: {problem}")
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
     return config

@@ -67,19 +67,18 @@ def preference_margins(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Conversation],
+    preferred: Sequence[tuple[float, int]],
     batch_size: int = 16,
     progress: Progress | None = None,
 ) -> list[float | None]:
     """For each preference pair, log p(preferred) - log p(non-preferred) of the whole answer
-    (the likelihoods DPO compares); None for an example that is no pair."""
-    pairs = [(i, c, c.rejected) for i, c in enumerate(examples) if c.rejected is not None]
+    (the likelihoods DPO compares); None for an example that is no pair. ``preferred`` is
+    ``_answer_losses`` of ``examples`` (their preferred answers), computed once for the loss too."""
+    pairs = [(i, c.rejected) for i, c in enumerate(examples) if c.rejected is not None]
     out: list[float | None] = [None] * len(examples)
-    if not pairs:
-        return out
-    both = [c for _, c, _ in pairs] + [r for _, _, r in pairs if r is not None]
-    sums = [total for total, _ in _answer_losses(model, tokenizer, both, batch_size, progress, "preference")]
-    for j, (i, _, _) in enumerate(pairs):
-        out[i] = sums[len(pairs) + j] - sums[j]  # losses are negative log-likelihoods
+    rejected = _answer_losses(model, tokenizer, [r for _, r in pairs], batch_size, progress, "preference")
+    for (i, _), (total, _) in zip(pairs, rejected, strict=True):
+        out[i] = total - preferred[i][0]  # losses are negative log-likelihoods
     return out
 
 
@@ -179,15 +178,23 @@ def run_model(
     (a task's answers look like its references); without, at ``max_new_tokens``.
     """
     budget = generation_budget(tokenizer, examples, evaluators, max_new_tokens, fit_to_references)
+    needs_loss = any(e.needs_loss for e in evaluators)
+    needs_preference = any(e.needs_preference for e in evaluators)
+    # One pass over the answers serves both the loss and the preferred side of each pair.
+    answers = (
+        _answer_losses(model, tokenizer, examples, batch_size, progress)
+        if needs_loss or needs_preference
+        else []
+    )
     losses: list[float | None] = [None] * len(examples)
-    if any(e.needs_loss for e in evaluators):
-        losses = list(example_losses(model, tokenizer, examples, batch_size, progress))
+    if needs_loss:
+        losses = [total / count for total, count in answers]
     predictions: list[str | None] = [None] * len(examples)
     if budget:
         predictions = list(generate(model, tokenizer, examples, budget, batch_size, progress))
     margins: list[float | None] = [None] * len(examples)
-    if any(e.needs_preference for e in evaluators):
-        margins = preference_margins(model, tokenizer, examples, batch_size, progress)
+    if needs_preference:
+        margins = preference_margins(model, tokenizer, examples, answers, batch_size, progress)
     return ModelOutputs(losses, predictions, margins)
 
 

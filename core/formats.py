@@ -93,10 +93,17 @@ def conversation_problems(messages: list[Message]) -> list[str]:
         found.append("no assistant turn")
     elif messages[-1].role != "assistant":
         found.append(f"the last turn is from {messages[-1].role!r}; it must be from the assistant")
-    for i, m in enumerate(messages):
-        if m.role == "system" and i != 0:
-            found.append(f"message {i + 1}: a system message may only come first")
+    found += misplaced_system(messages)
     return found
+
+
+def misplaced_system(messages: list[Message], label: str = "message") -> list[str]:
+    """A system message anywhere but first, each named ``label i``."""
+    return [
+        f"{label} {i}: a system message may only come first"
+        for i, m in enumerate(messages, start=1)
+        if m.role == "system" and i != 1
+    ]
 
 
 MESSAGE_KEYS = frozenset({"role", "content", "name"})

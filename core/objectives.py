@@ -77,3 +77,12 @@ class TrainingObjective(ABC):
     @abstractmethod
     def build_trainer(self, parts: TrainerParts, params: ObjectiveParams) -> Trainer:
         """The trainer for this run (a ``transformers.Trainer`` or a subclass, such as TRL's)."""
+
+
+def data_kind_problem(objective: TrainingObjective, fmt: str, kind: str | None) -> str | None:
+    """Why ``objective`` cannot train on data in format ``fmt`` of ``kind`` (None: it can)."""
+    if kind in objective.data_kinds:
+        return None
+    return f"{fmt} data holds {kind}; objective {objective.name!r} trains on " + " or ".join(
+        objective.data_kinds
+    )

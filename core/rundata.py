@@ -17,7 +17,6 @@ from adapterdeck.core.dataset import DataError, ValidationReport, validate_file
 from adapterdeck.core.encode import EncodedDataset, encode_all
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import Conversation
-from adapterdeck.core.plugins import catalog
 from adapterdeck.core.progress import Reporter
 from adapterdeck.core.split import Split, split_examples
 
@@ -38,7 +37,6 @@ class RunData:
     sha256: str  # of all the files' digests
     train_ds: EncodedDataset
     val_ds: EncodedDataset
-    kinds: dict[str, str]  # each format read (the mix's too) -> its kind (``DataFormat.kind``)
 
 
 def load_data(config: RunConfig, rep: Reporter) -> RunData:
@@ -73,12 +71,7 @@ def load_data(config: RunConfig, rep: Reporter) -> RunData:
         f"data: train {len(train_examples)}, validation {len(split.validation)}, test {len(split.test)} "
         f"examples; {train_ds.tokens()} training tokens"
     )
-    formats = catalog().formats
-    read = {r.format for r in reports} | ({mix_info["format"]} if mix_info else set())
-    kinds = {f: formats[f].obj.kind for f in read if f in formats}
-    return RunData(
-        tokenizer, max_length, reports, split, train_examples, mix_info, digest, train_ds, val_ds, kinds
-    )
+    return RunData(tokenizer, max_length, reports, split, train_examples, mix_info, digest, train_ds, val_ds)
 
 
 def _validate_all(

@@ -34,7 +34,12 @@ from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
 from adapterdeck.core.methods import MethodParams, TuningMethod
-from adapterdeck.core.objectives import ObjectiveParams, TrainerParts, TrainingObjective
+from adapterdeck.core.objectives import (
+    ObjectiveParams,
+    TrainerParts,
+    TrainingObjective,
+    data_kind_problem,
+)
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
@@ -149,19 +154,17 @@ def check_output(run_dir: Path, overwrite: bool) -> None:
 
 def check_data_kinds(objective: TrainingObjective, data: RunData) -> None:
     """Refuse data the objective cannot train on (a chat file for ``dpo``): before any model loads."""
+    formats = catalog().formats
     files = [(r.path, r.format) for r in data.reports]
     if data.mix:
         files.append((data.mix["file"], data.mix["format"]))
-    wrong = [(path, fmt) for path, fmt in files if data.kinds.get(fmt) not in objective.data_kinds]
-    if wrong:
-        takes = " or ".join(objective.data_kinds)
-        raise AdapterdeckError(
-            "\n".join(
-                f"{path}: {fmt} data holds {data.kinds.get(fmt)}; "
-                f"objective {objective.name!r} trains on {takes}"
-                for path, fmt in wrong
-            )
-        )
+    problems = [
+        f"{path}: {problem}"
+        for path, fmt in files
+        if (problem := data_kind_problem(objective, fmt, formats[fmt].obj.kind if fmt in formats else None))
+    ]
+    if problems:
+        raise AdapterdeckError("\n".join(problems))
 
 
 def load_model(

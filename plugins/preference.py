@@ -25,6 +25,7 @@ from adapterdeck.core.formats import (
     Message,
     json_type_name,
     message_problems,
+    misplaced_system,
     shown,
 )
 from adapterdeck.core.plugins import FormatRegister
@@ -76,11 +77,7 @@ class PreferenceFormat(DataFormat):
                 found.append(
                     f"the input's last message is from {parsed[-1].role!r}; it must be from the user"
                 )
-            found += [
-                f"input message {i}: a system message may only come first"
-                for i, m in enumerate(parsed, start=1)
-                if m.role == "system" and i != 1
-            ]
+            found += misplaced_system(parsed, "input message")
         return found
 
     def to_conversation(self, record: Mapping[str, Any]) -> Conversation:

@@ -119,6 +119,7 @@ def test_each_hook_has_a_test(hook: str) -> None:
         formats.Message,
         formats.Conversation,
         formats.conversation_problems,
+        formats.misplaced_system,
         formats.json_type_name,
         methods.MethodParams,
         methods.TuningMethod,
