@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from adapterdeck.core.continued import tenant_problem
 from adapterdeck.core.dataset import DEFAULT_MAX_LINE_BYTES
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import MethodParams
@@ -148,6 +149,11 @@ class RunConfig(Strict):
         pattern=r"^[^/\s:@]+/[^/\s:@]+(:[a-z][a-z0-9_-]*)?$",
         description="publish the adapter on success as tenant/name (tenant/name:alias also moves alias)",
     )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="continue from this adapter: tenant/name@N, tenant/name:alias or a directory",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -238,6 +244,8 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
     for i, name in enumerate(config.eval.evaluators):
         if name not in plugins.evaluators:
             raise AdapterdeckError(f"{source}: eval.evaluators.{i}: {plugins.unknown('evaluator', name)}")
+    if config.init_adapter and (problem := tenant_problem(config.init_adapter, config.publish)):
+        raise AdapterdeckError(f"{source}: init_adapter: {problem}")
     fmt = config.data.format
     if fmt is not None and fmt not in plugins.formats:
         raise AdapterdeckError(f"{source}: data.format: {plugins.unknown('format', fmt)}")
@@ -264,7 +272,12 @@ def _resolve_paths(config: RunConfig, base_dir: Path) -> RunConfig:
     base = config.base
     if (base_dir / base).exists() and not Path(base).is_absolute():
         base = str(base_dir / base)
-    return config.model_copy(update={"data": data, "base": base, "output": fix(config.output)})
+    init = config.init_adapter
+    if init and (base_dir / init).exists() and not Path(init).is_absolute():
+        init = str(base_dir / init)
+    return config.model_copy(
+        update={"data": data, "base": base, "output": fix(config.output), "init_adapter": init}
+    )
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

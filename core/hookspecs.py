@@ -5,7 +5,8 @@ thing the plugin adds; adapterdeck owns names, duplicates and errors. A hook may
 be implemented by any module or object registered with the plugin manager:
 the built-ins in ``adapterdeck.plugins`` and third-party packages exposing an
 ``adapterdeck`` entry point. All implementations are called (none "wins");
-their return values are ignored, except for ``publish_run``, where the first result wins.
+their return values are ignored, except for ``publish_run`` and ``fetch_adapter``, where the
+first result wins.
 """
 
 from __future__ import annotations
@@ -61,4 +62,15 @@ def publish_run(run_dir: Path, ref: str, alias: str | None) -> str | None:
 
     Called when a run config says ``publish: tenant/name``. The first implementation that returns
     a value wins; return None to leave it to another.
+    """
+
+
+@hookspec(firstresult=True)
+def fetch_adapter(ref: str) -> tuple[str, Path] | None:
+    """A published adapter as a local directory: ``(version_ref, path)`` for ``ref``.
+
+    ``ref`` is ``tenant/name@N``, ``tenant/name:alias`` or ``tenant/name``; ``version_ref`` is
+    the immutable ``tenant/name@N`` it means now. Called when a run config says
+    ``init_adapter: REF`` (continued tuning). The first implementation that returns a value wins;
+    return None to leave it to another, raise ``AdapterdeckError`` for a ref that names nothing.
     """

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pluggy
@@ -396,3 +397,15 @@ def publish_run(run_dir: Any, ref: str, alias: str | None = None) -> str:
             f"cannot publish {ref}: no installed plugin publishes runs (is the registry missing?)"
         )
     return result
+
+
+def fetch_adapter(ref: str) -> tuple[str, Path]:
+    """A published adapter's ``(tenant/name@N, local directory)`` through the plugin that
+    implements ``fetch_adapter`` (the registry)."""
+    result = plugin_manager().hook.fetch_adapter(ref=ref)
+    if result is None:
+        raise AdapterdeckError(
+            f"cannot find {ref}: no installed plugin fetches published adapters (is the registry missing?)"
+        )
+    version_ref, path = result
+    return version_ref, Path(path)

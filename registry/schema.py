@@ -71,6 +71,7 @@ versions = Table(
     Column("size_bytes", BigInteger, nullable=False),
     Column("library_versions", JSON),
     Column("report_sha256", String(64)),  # the run's report.json, a blob (None: published without one)
+    Column("parent", String(300)),  # the tenant/name@N it was tuned from (None: from the base)
     Column("source", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("adapter_id", "version", name="uq_versions_adapter_version"),
@@ -212,6 +213,8 @@ ft_jobs = Table(
     Column("adapter_method", JSON, nullable=False),
     # The objective plugin and its parameters ({"name": "dpo", "beta": 0.1}); null: sft.
     Column("objective", JSON),
+    # The fine-tuned model the job continues: {"model": "ft:...", "ref": "tenant/ft-...@N"}; null: the base.
+    Column("parent", JSON),
     Column("evaluators", JSON, nullable=False),
     Column("user_metadata", JSON),
     Column("fine_tuned_model", String(255), unique=True),

@@ -27,6 +27,7 @@ from adapterdeck.core.adapters import ADAPTER_META, PEFT_CONFIG
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.formats import shown
 from adapterdeck.core.methods import ENGINE_PEFT, ENGINE_VLLM, ENGINES
+from adapterdeck.registry.refs import InvalidRef, parse_ref
 from adapterdeck.registry.untrusted import file_name_problem, read_json_object, read_safetensors_header
 
 WEIGHTS = "adapter_model.safetensors"
@@ -74,6 +75,7 @@ class Candidate:
     metrics: dict[str, Any] | None = None
     library_versions: dict[str, str] = field(default_factory=dict)
     report: dict[str, Any] | None = None  # the run's whole report.json, kept with the version
+    parent: str | None = None  # the tenant/name@N it was tuned from (a registry version only)
 
 
 def locate(path: str | Path) -> tuple[Path, dict[str, Any] | None, list[str]]:
@@ -477,4 +479,16 @@ def _candidate(
         metrics=test.get("metrics"),
         library_versions=report.get("versions") or {"adapterdeck": meta.get("adapterdeck_version", "")},
         report=report or None,
+        parent=_parent_ref(meta),
     )
+
+
+def _parent_ref(meta: dict[str, Any]) -> str | None:
+    """The version an adapter was continued from, when that is a registry version (a run continued
+    from a directory has no lineage the registry can name)."""
+    ref = (meta.get("parent") or {}).get("ref")
+    try:
+        parsed = parse_ref(ref) if isinstance(ref, str) else None
+    except InvalidRef:
+        return None
+    return str(ref) if parsed is not None and parsed.version is not None else None

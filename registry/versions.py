@@ -40,6 +40,7 @@ class VersionInfo:
     library_versions: dict[str, Any] | None
     manifest_sha256: str
     report_sha256: str | None = None  # the run's report.json (Registry.report reads it)
+    parent: str | None = None  # the tenant/name@N it was tuned from (None: from the base)
     aliases: list[str] = field(default_factory=list)
     files: list[dict[str, Any]] = field(default_factory=list)
 
@@ -52,6 +53,7 @@ _VERSION_COLUMNS = (
     t.versions.c.version,
     t.versions.c.manifest_sha256,
     t.versions.c.report_sha256,
+    t.versions.c.parent,
     t.versions.c.peft_type,
     t.versions.c.method,
     t.versions.c.params,
@@ -137,6 +139,7 @@ def version_info(row: Row) -> VersionInfo:
         library_versions=row.library_versions,
         manifest_sha256=row.manifest_sha256,
         report_sha256=row.report_sha256,
+        parent=row.parent,
     )
 
 

@@ -240,7 +240,7 @@ def test_jobs_that_cannot_run_are_refused(stack: Stack) -> None:
     good = _upload(stack, "acme", "refused-jobs.jsonl", 40, seed=5)
     cases: list[tuple[type[Exception], dict[str, Any], str]] = [
         (openai.NotFoundError, {"model": "nope"}, "model"),
-        (openai.BadRequestError, {"model": "ft:tiny:acme::abcdefgh"}, "model"),
+        (openai.NotFoundError, {"model": "ft:tiny:acme::abcdefgh"}, "model"),  # continues nothing
         (openai.BadRequestError, {"training_file": "file-nope"}, "training_file"),
         (openai.BadRequestError, {"training_file": small.id}, "training_file"),
         (openai.BadRequestError, {"method": {"type": "reinforcement"}}, "method.type"),
@@ -434,6 +434,59 @@ def test_a_dpo_job_through_the_openai_client(stack: Stack) -> None:
     )
     assert reply.choices[0].message.content is not None
     assert reply.model.startswith("acme/ft-prefers-")
+
+
+@pytest.mark.vllm
+def test_a_job_continues_the_tenant_s_own_fine_tuned_model(stack: Stack) -> None:
+    """``model="ft:..."``: the job starts from that model's weights (its validation loss before
+    the first step is the parent's best, on the same data and seed), its result names the parent
+    as lineage, and no other tenant may continue it."""
+    acme, globex = stack.client("acme"), stack.client("globex")
+    uploaded = _upload(stack, "acme", "continued.jsonl", 120, seed=4)
+    hyper = {"n_epochs": 1, "batch_size": 16, "learning_rate_multiplier": 15}
+    options = {"adapterdeck": {"method": "lora", "params": {"r": 8}, "evaluators": ["loss"]}}
+
+    def run(model: str, suffix: str) -> Any:
+        job = acme.fine_tuning.jobs.create(
+            model=model, training_file=uploaded.id, suffix=suffix, seed=11, hyperparameters=hyper,
+            extra_body=options,
+        )  # fmt: skip
+
+        def finished() -> Any:
+            current = acme.fine_tuning.jobs.retrieve(job.id)
+            return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+        done = _wait(finished, 300, f"job {job.id}", stack.log)
+        assert done.status == "succeeded", (done.error, stack.log.read_text()[-3000:])
+        return job, done
+
+    _, first = run("tiny", "first")
+    first_ref = first.to_dict()["adapterdeck"]["ref"]
+    job, second = run(first.fine_tuned_model, "second")
+    assert job.model == first.fine_tuned_model == second.model
+    assert second.to_dict()["adapterdeck"]["parent"] == first_ref
+    assert second.fine_tuned_model.startswith("ft:tiny:acme:second:")
+    ref = second.to_dict()["adapterdeck"]["ref"]
+    assert stack.registry.show(ref).parent == first_ref
+    theirs, ours = stack.registry.report(first_ref), stack.registry.report(ref)
+    assert theirs is not None and ours is not None
+    start, best = ours["parent"]["start_val_loss"], theirs["training"]["best_val_loss"]
+    print(f"continued job: start validation loss {start:.5f}, the parent's best {best:.5f}")
+    assert start == pytest.approx(best, rel=1e-5)
+
+    # Another tenant's fine-tuned model, as the model of a job: the 404 of a missing one.
+    theirs_file = _upload(stack, "globex", "continued.jsonl", 40, seed=4)
+    with pytest.raises(openai.NotFoundError) as info:
+        globex.fine_tuning.jobs.create(model=first.fine_tuned_model, training_file=theirs_file.id)
+    assert info.value.body["param"] == "model" and info.value.body["code"] == "model_not_found"
+    # A continued job trains its parent's method.
+    with pytest.raises(openai.BadRequestError) as info:
+        acme.fine_tuning.jobs.create(
+            model=first.fine_tuned_model, training_file=uploaded.id,
+            extra_body={"adapterdeck": {"method": "prefix"}},
+        )  # fmt: skip
+    assert "a job that continues it trains lora, not prefix" in info.value.body["message"]
+    assert info.value.body["param"] == "adapterdeck.method"
 
 
 @pytest.mark.vllm

@@ -355,6 +355,25 @@ def test_hook_publish_run(fresh_plugins: None, tmp_path: Path) -> None:
     assert "adapterdeck:registry" in impls
 
 
+def test_hook_fetch_adapter(fresh_plugins: None, tmp_path: Path) -> None:
+    from adapterdeck.core.plugins import fetch_adapter, plugin_manager
+
+    asked: list[str] = []
+
+    class Fetcher:
+        @hookimpl
+        def fetch_adapter(self, ref: str) -> tuple[str, Path] | None:
+            asked.append(ref)
+            return ("mine/model@3", tmp_path) if ref.startswith("mine/") else None
+
+    register_plugin(Fetcher(), name="fetcher")
+    assert fetch_adapter("mine/model:prod") == ("mine/model@3", tmp_path)
+    assert asked == ["mine/model:prod"]
+    # Registered last, it is asked first; None passes the ref on (here to the registry's).
+    impls = [i.plugin_name for i in plugin_manager().hook.fetch_adapter.get_hookimpls()]
+    assert impls[-1] == "fetcher" and "adapterdeck:registry" in impls
+
+
 def test_plugins_list_says_when_a_plugin_failed_and_strict_makes_it_an_error(broken_installed: Path) -> None:
     env = {"PYTHONPATH": str(broken_installed)}
     plain = run_cli("plugins", "list", env=env)

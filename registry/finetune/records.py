@@ -49,6 +49,7 @@ class JobRecord:
     hyperparameters: dict[str, Any]
     adapter_method: dict[str, Any]
     objective: dict[str, Any] | None  # {"name": "dpo", "beta": 0.1}; None: sft
+    parent: dict[str, str] | None  # {"model": "ft:...", "ref": "tenant/ft-...@N"}; None: the base
     evaluators: list[str]
     user_metadata: dict[str, str] | None
     fine_tuned_model: str | None

@@ -2,10 +2,11 @@
 
 A training file is validated when it is uploaded, with the checks of ``adapterdeck data validate
 --base`` (the served base's tokenizer and context length); a bad file is refused with every bad
-line by number. A job names the served base as its ``model`` and is checked as a run config
-(``spec.py``) before it is queued; workers (``worker.py``) run it. Another tenant's file, job or
-fine-tuned model gets the same 404 as a missing one. An admin key reads, cancels and deletes
-everyone's, but only a tenant creates files and jobs.
+line by number. A job names the served base as its ``model``, or one of the tenant's own
+fine-tuned models to continue tuning it, and is checked as a run config (``spec.py``) before it
+is queued; workers (``worker.py``) run it. Another tenant's file, job or fine-tuned model gets
+the same 404 as a missing one. An admin key reads, cancels and deletes everyone's, but only a
+tenant creates files and jobs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from adapterdeck.registry.finetune import (
     FileRecord,
     FineTuning,
     JobRecord,
+    resolve_fine_tuned,
 )
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller, tenant_only
@@ -239,14 +241,45 @@ def _check_kind(record: FileRecord, objective: dict[str, Any] | None, param: str
         )
 
 
+@lru_cache(maxsize=4)
+def _base_fingerprint(base: str) -> str:
+    from adapterdeck.core.basemodel import fingerprint
+
+    return fingerprint(base)
+
+
+def _parent(
+    settings: ServeSettings, jobs: FineTuning, tenant: str, body: JobCreate
+) -> tuple[dict[str, str] | None, str]:
+    """The fine-tuned model a job continues (``model="ft:..."``, the caller's own only: another
+    tenant's is a 404 like a missing one), checked against the served base; and the job's method
+    (a continued job's is its parent's)."""
+    if body.model in (settings.base_name(), settings.base):
+        return None, body.adapterdeck.method
+    if not body.model.startswith("ft:"):
+        raise model_not_found(body.model)
+    try:
+        info = jobs.registry.resolve(resolve_fine_tuned(jobs.registry, body.model, tenant))
+    except NotFound:
+        raise model_not_found(body.model) from None
+    if info.base_fingerprint != _base_fingerprint(settings.base):
+        raise bad_request(
+            f"{body.model} was tuned on base {info.base!r}, not on the served base {settings.base_name()!r}",
+            "model",
+        )
+    asked = body.adapterdeck.method if "method" in body.adapterdeck.model_fields_set else info.method
+    if asked != info.method:
+        raise bad_request(
+            f"{body.model} is a {info.method} adapter; a job that continues it trains {info.method}, "
+            f"not {asked}",
+            "adapterdeck.method",
+        )
+    return {"model": body.model, "ref": info.ref}, info.method
+
+
 def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: JobCreate) -> JobRecord:
     base_name = settings.base_name()
-    if body.model not in (base_name, settings.base):
-        if body.model.startswith("ft:"):
-            raise bad_request(
-                f"fine-tuning a fine-tuned model is not supported; use the base {base_name!r}", "model"
-            )
-        raise model_not_found(body.model)
+    parent, method = _parent(settings, jobs, tenant, body)
     if body.integrations:
         raise bad_request("integrations are not supported.", "integrations")
     if body.method is not None and body.hyperparameters is not None:
@@ -272,7 +305,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
             "training_file",
         )
     options = body.adapterdeck
-    adapter_method = {"name": options.method, **options.params}
+    adapter_method = {"name": method, **options.params}
     hyperparameters = hyper.model_dump()
     try:
         check_job_config(
@@ -295,6 +328,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
         hyperparameters=hyperparameters,
         adapter_method=adapter_method,
         objective=objective,
+        parent=parent,
         evaluators=options.evaluators,
         metadata=body.metadata,
         max_attempts=settings.finetune.max_attempts,

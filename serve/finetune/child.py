@@ -16,10 +16,22 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from adapterdeck.core import hookimpl
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.progress import StepLoss, StepLosses, epoch_ends
 from adapterdeck.serve.finetune.parent import die_with_parent
 from adapterdeck.serve.finetune.spec import resolve_hyperparameters, run_config
+
+
+class _Fetched:
+    """Answers ``fetch_adapter`` for the version the worker copied into the job's directory."""
+
+    def __init__(self, ref: str, path: Path) -> None:
+        self.ref, self.path = ref, path
+
+    @hookimpl
+    def fetch_adapter(self, ref: str) -> tuple[str, Path] | None:
+        return (self.ref, self.path) if ref == self.ref else None
 
 
 class _Emitter:
@@ -129,10 +141,13 @@ def main(spec_path: str) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from adapterdeck.core.config import parse_config
-        from adapterdeck.core.plugins import catalog
+        from adapterdeck.core.plugins import catalog, plugin_manager
         from adapterdeck.core.train import run_training
 
         spec = json.loads(Path(spec_path).read_text())
+        parent = spec.get("parent")
+        if parent:  # the worker fetched it: the run reads that copy, under its registry ref
+            plugin_manager().register(_Fetched(parent["ref"], Path(parent["path"])), "job-parent")
         method = catalog().method(spec["adapter_method"]["name"])
         resolved = resolve_hyperparameters(
             spec["hyperparameters"], spec["examples"], method.default_learning_rate
@@ -146,6 +161,7 @@ def main(spec_path: str) -> int:
                 hyperparameters=resolved,
                 seed=spec["seed"],
                 objective=spec.get("objective"),
+                init_adapter=parent["ref"] if parent else None,
                 train=Path(spec["train"]),
                 validation=Path(spec["validation"]) if spec.get("validation") else None,
                 output=Path(spec["output"]),

@@ -118,7 +118,7 @@ def job_object(job: JobRecord) -> dict[str, Any]:
         "fine_tuned_model": job.fine_tuned_model,
         "finished_at": epoch(job.finished_at),
         "hyperparameters": hyper,
-        "model": job.model,
+        "model": job.parent["model"] if job.parent else job.model,
         "organization_id": job.tenant,
         "result_files": job.result_files,
         "seed": job.seed,
@@ -139,6 +139,7 @@ def job_object(job: JobRecord) -> dict[str, Any]:
             "max_attempts": job.max_attempts,
             "adapter": job.adapter,
             "ref": job.result_ref,
+            "parent": job.parent["ref"] if job.parent else None,
         },
     }
 

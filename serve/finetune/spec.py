@@ -52,15 +52,19 @@ def run_config(
     hyperparameters: dict[str, Any],
     seed: int,
     objective: dict[str, Any] | None = None,
+    init_adapter: str | None = None,
     train: Path,
     validation: Path | None,
     output: Path,
 ) -> dict[str, Any]:
-    """The ``adapterdeck train`` run config of a job (``hyperparameters`` already resolved)."""
+    """The ``adapterdeck train`` run config of a job (``hyperparameters`` already resolved); a job
+    that continues a fine-tuned model has its version as ``init_adapter``."""
     data: dict[str, Any] = {"train": str(train)}
     if validation is not None:
         data["validation"] = str(validation)
+    extra = {"init_adapter": init_adapter} if init_adapter else {}
     return {
+        **extra,
         "base": base,
         "data": data,
         "method": dict(adapter_method),

@@ -181,6 +181,23 @@ class Worker:
             heart.stop()
             shutil.rmtree(job_dir, ignore_errors=True)
 
+    def _parent(self, job: JobRecord, job_dir: Path) -> dict[str, str] | None:
+        """The version a continued job starts from, copied into the job's directory (the adapter
+        cache may evict its own copy while the run reads it)."""
+        if not job.parent:
+            return None
+        try:
+            source = self.registry.materialize(self.registry.resolve(job.parent["ref"]))
+        except NotFound:
+            raise JobError(
+                "invalid_model",
+                f"{job.parent['model']} was deleted before the job could continue it",
+                "model",
+            ) from None
+        target = job_dir / "parent"
+        shutil.copytree(source, target)
+        return {"ref": job.parent["ref"], "path": str(target)}
+
     def _prepare(self, job: JobRecord, job_dir: Path) -> Path:
         shutil.rmtree(job_dir, ignore_errors=True)
         private_dir(job_dir / "data")  # the tenant's training data, then the run
@@ -205,6 +222,7 @@ class Worker:
             examples = examples or (record.examples or 0)
         spec = {
             "job_id": job.id,
+            "parent": self._parent(job, job_dir),
             "base": self.base or job.base,
             "adapter_method": job.adapter_method,
             "objective": job.objective,
