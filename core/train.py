@@ -34,17 +34,13 @@ from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
 from adapterdeck.core.methods import MethodParams, TuningMethod
-from adapterdeck.core.objectives import (
-    ObjectiveParams,
-    TrainerParts,
-    TrainingObjective,
-    data_kind_problem,
-)
+from adapterdeck.core.objectives import ObjectiveParams, TrainerParts, TrainingObjective, data_kind_problem
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
 from adapterdeck.core.report import plot_losses
 from adapterdeck.core.rundata import RunData, load_data
+from adapterdeck.core.trackers import RunTrackers
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -101,8 +97,11 @@ class Outcome:
     seconds: float
 
 
-def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False) -> TrainResult:
-    """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``."""
+def run_training(
+    config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False, run_name: str | None = None
+) -> TrainResult:
+    """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``;
+    logged to the trackers in ``config.log`` (as ``run_name``, default the output directory's name)."""
     rep = reporter or Reporter()
     started = time.monotonic()
     durations: dict[str, float] = {}
@@ -120,29 +119,32 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     check_data_kinds(objective, data)
     durations["validate"] = _since(started)
 
-    rep.stage("loading the base model")
-    t = time.monotonic()
-    tuning = load_model(config, method, params, objective, objective_params, rep)
-    durations["load"] = _since(t)
-
-    schedule = plan(config, len(data.train_ds), method)
-    clear_run_dir(config.output)
-    rep.stage("training")
-    outcome = train(config, data, tuning, schedule, rep)
-    durations["train"] = round(outcome.seconds, 3)
-
-    meta = save_adapter(config, data, tuning)
-    report = build_report(config, data, tuning, schedule, outcome, meta, durations)
-    write_report(config.output, report)
-    plot_losses(report, config.output / "loss.png")
-
-    if data.split.test and outcome.stop_reason != "interrupted":
-        rep.stage("evaluating on the test split, base and tuned")
+    trackers = RunTrackers.for_run(config, plugins, data.sha256, (params, objective_params), run_name, rep)
+    with trackers:
+        rep.stage("loading the base model")
         t = time.monotonic()
-        report["test"], report["samples"] = evaluate(config, data, tuning, evaluators, rep)
-        durations["evaluate"] = _since(t)
-    durations["total"] = _since(started)
-    write_report(config.output, report)
+        tuning = load_model(config, method, params, objective, objective_params, rep)
+        durations["load"] = _since(t)
+
+        schedule = plan(config, len(data.train_ds), method)
+        clear_run_dir(config.output)
+        rep.stage("training")
+        outcome = train(config, data, tuning, schedule, rep, trackers)
+        durations["train"] = round(outcome.seconds, 3)
+
+        meta = save_adapter(config, data, tuning)
+        report = build_report(config, data, tuning, schedule, outcome, meta, durations)
+        write_report(config.output, report)
+        plot_losses(report, config.output / "loss.png")
+
+        if data.split.test and outcome.stop_reason != "interrupted":
+            rep.stage("evaluating on the test split, base and tuned")
+            t = time.monotonic()
+            report["test"], report["samples"] = evaluate(config, data, tuning, evaluators, rep)
+            durations["evaluate"] = _since(t)
+        durations["total"] = _since(started)
+        write_report(config.output, report)
+        trackers.end(report, config.output)
     return TrainResult(config.output, report, tuning.model, data.tokenizer)
 
 
@@ -267,12 +269,13 @@ def build_trainer(
     arguments: dict[str, Any],
     rep: Reporter,
     stop: dict[str, bool],
+    trackers: RunTrackers,
 ) -> Trainer:
-    """The objective's trainer, reporting to ``rep``, stopping early as configured and when
-    ``stop`` asks."""
+    """The objective's trainer, reporting to ``rep`` and ``trackers``, stopping early as configured
+    and when ``stop`` asks."""
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    callbacks = [trainer_callback(rep, stop)]
+    callbacks = [trainer_callback(rep, stop), *trackers.callbacks()]
     if config.early_stopping.patience:
         callbacks.append(
             EarlyStoppingCallback(
@@ -290,12 +293,14 @@ def build_trainer(
     return trainer
 
 
-def train(config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter) -> Outcome:
+def train(
+    config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter, trackers: RunTrackers
+) -> Outcome:
     """Train until done, early-stopped or Ctrl-C; the best checkpoint's weights are loaded back."""
     arguments = training_arguments(config, schedule, tuning)
     t = time.monotonic()
     with Interrupts(rep) as stop:
-        trainer = build_trainer(config, data, tuning, arguments, rep, stop)
+        trainer = build_trainer(config, data, tuning, arguments, rep, stop, trackers)
         trainer.train()
         # Under mixed precision the Trainer wrapped the model's forward in autocast; evaluation,
         # export and the returned model run at the weights' own precision, as a reloaded adapter does.

@@ -212,6 +212,8 @@ ft_jobs = Table(
     Column("adapter_method", JSON, nullable=False),
     # The objective plugin and its parameters ({"name": "dpo", "beta": 0.1}); null: sft.
     Column("objective", JSON),
+    # OpenAI's integrations as the job was created with them ([{"type": "mlflow", "mlflow": {...}}]).
+    Column("integrations", JSON),
     Column("evaluators", JSON, nullable=False),
     Column("user_metadata", JSON),
     Column("fine_tuned_model", String(255), unique=True),

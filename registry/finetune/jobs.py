@@ -77,6 +77,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
         metadata: dict[str, str] | None,
         max_attempts: int,
         objective: dict[str, Any] | None = None,
+        integrations: list[dict[str, Any]] | None = None,
     ) -> JobRecord:
         """Record a job in ``validating_files``; ``files_validated`` or ``fail`` moves it on."""
         job_id = new_id(JOB_PREFIX)
@@ -96,6 +97,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
                     hyperparameters=hyperparameters,
                     adapter_method=adapter_method,
                     objective=objective,
+                    integrations=integrations or None,
                     evaluators=evaluators,
                     user_metadata=metadata,
                     result_files=[],

@@ -49,6 +49,7 @@ class JobRecord:
     hyperparameters: dict[str, Any]
     adapter_method: dict[str, Any]
     objective: dict[str, Any] | None  # {"name": "dpo", "beta": 0.1}; None: sft
+    integrations: list[dict[str, Any]] | None  # [{"type": "mlflow", "mlflow": {...}}]; None: none
     evaluators: list[str]
     user_metadata: dict[str, str] | None
     fine_tuned_model: str | None
