@@ -1,10 +1,10 @@
 """adapterdeck core: hook specifications, plugin manager, data, training, CLI.
 
 What a plugin imports (docs/plugins.md): ``hookimpl`` from here, the base classes from
-``adapterdeck.core.formats``, ``adapterdeck.core.methods`` and ``adapterdeck.core.evaluators``, the
-register types and the test helpers from ``adapterdeck.core.plugins``, the errors from
-``adapterdeck.core.errors``. Importing this package stays cheap: plugin modules are imported at
-every command.
+``adapterdeck.core.formats``, ``adapterdeck.core.methods``, ``adapterdeck.core.objectives``,
+``adapterdeck.core.evaluators`` and ``adapterdeck.core.trackers``, the register types and the test
+helpers from ``adapterdeck.core.plugins``, the errors from ``adapterdeck.core.errors``. Importing
+this package stays cheap: plugin modules are imported at every command.
 """
 
 from importlib import metadata

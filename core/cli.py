@@ -60,7 +60,8 @@ def plugins_list(
         bool, typer.Option("--strict", help="Exit with status 1 when any plugin failed to load (for CI).")
     ] = False,
 ) -> None:
-    """Every format, method, objective and evaluator, where it comes from, and any plugin that failed to load.
+    """Every format, method, objective, evaluator and tracker, where it comes from, and any plugin that
+    failed to load.
 
     A plugin that failed to load does not stop the others, so the listing exits 0 unless --strict.
     """

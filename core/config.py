@@ -20,6 +20,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.methods import MethodParams
 from adapterdeck.core.objectives import ObjectiveParams, data_kind_problem
 from adapterdeck.core.plugins import Catalog, catalog
+from adapterdeck.core.trackers import TrackerParams
 
 DEFAULT_METHOD = "lora"
 DEFAULT_OBJECTIVE = "sft"
@@ -144,6 +145,10 @@ class RunConfig(Strict):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: Path = Path("runs/run")
+    log: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="experiment trackers the run is logged to: {tracker: {its parameters}}",
+    )
     publish: str | None = Field(
         None,
         pattern=r"^[^/\s:@]+/[^/\s:@]+(:[a-z][a-z0-9_-]*)?$",
@@ -157,10 +162,14 @@ class RunConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _method_shorthand(cls, values: Any) -> Any:
+    def _shorthands(cls, values: Any) -> Any:
         for key in ("method", "objective"):
             if isinstance(values, dict) and isinstance(values.get(key), str):
                 values = {**values, key: {"name": values[key]}}
+        if isinstance(values, dict) and isinstance(values.get("log"), str):
+            values = {**values, "log": {values["log"]: {}}}  # ``log: mlflow``: with its defaults
+        if isinstance(values, dict) and isinstance(values.get("log"), dict):
+            values = {**values, "log": {k: {} if v is None else v for k, v in values["log"].items()}}
         return values
 
     def method_params(self, plugins: Catalog | None = None) -> MethodParams:
@@ -173,6 +182,10 @@ class RunConfig(Strict):
         """The objective's parameters, validated by the objective's own model."""
         objective = (plugins or catalog()).objective(self.objective.name)
         return objective.params.model_validate(dict(self.objective.model_extra or {}))
+
+    def tracker_params(self, name: str, plugins: Catalog | None = None) -> TrackerParams:
+        """Tracker ``name``'s parameters (``log.<name>``), validated by the tracker's own model."""
+        return (plugins or catalog()).tracker(name).params.model_validate(self.log[name])
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -246,6 +259,15 @@ def parse_config(data: Any, source: str = "config", base_dir: Path | None = None
             raise AdapterdeckError(f"{source}: eval.evaluators.{i}: {plugins.unknown('evaluator', name)}")
     if config.init_adapter and (problem := tenant_problem(config.init_adapter, config.publish)):
         raise AdapterdeckError(f"{source}: init_adapter: {problem}")
+    for name in config.log:
+        if name not in plugins.trackers:
+            raise AdapterdeckError(f"{source}: log.{name}: {plugins.unknown('tracker', name)}")
+        try:
+            config.tracker_params(name, plugins)
+        except ValidationError as exc:
+            raise AdapterdeckError(
+                _format_errors(source, exc, plugins.tracker(name).params, ("log", name))
+            ) from None
     fmt = config.data.format
     if fmt is not None and fmt not in plugins.formats:
         raise AdapterdeckError(f"{source}: data.format: {plugins.unknown('format', fmt)}")

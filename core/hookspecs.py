@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         FormatRegister,
         MethodRegister,
         ObjectiveRegister,
+        TrackerRegister,
     )
 
 hookspec = pluggy.HookspecMarker("adapterdeck")
@@ -49,6 +50,11 @@ def register_objectives(register: ObjectiveRegister) -> None:
 @hookspec
 def register_evaluators(register: EvaluatorRegister) -> None:
     """Add evaluators: call ``register.add_evaluator(evaluator)`` with an ``Evaluator`` for each."""
+
+
+@hookspec
+def register_trackers(register: TrackerRegister) -> None:
+    """Add experiment trackers: call ``register.add_tracker(tracker)`` with a ``Tracker`` for each."""
 
 
 @hookspec

@@ -39,8 +39,8 @@ class TrainerParts:
     ``arguments`` are the ``transformers.TrainingArguments`` keywords of the run (batch size,
     learning rate, schedule, validation and checkpoints every ``eval_steps``, best checkpoint
     kept by ``eval_loss``, precision, seed); pass them to ``TrainingArguments`` or to a TRL
-    config class (which extends it). ``callbacks`` show progress and stop early or on Ctrl-C:
-    give them to the trainer.
+    config class (which extends it). ``callbacks`` show progress, stop early or on Ctrl-C and
+    send what the trainer logs to the run's trackers: give them to the trainer.
     """
 
     config: RunConfig

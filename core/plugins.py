@@ -29,6 +29,7 @@ from adapterdeck.core.evaluators import Evaluator
 from adapterdeck.core.formats import DataFormat
 from adapterdeck.core.methods import ENGINES, TuningMethod
 from adapterdeck.core.objectives import TrainingObjective
+from adapterdeck.core.trackers import Tracker
 
 ENTRY_POINT_GROUP = "adapterdeck"
 LOAD_ENV = "ADAPTERDECK_LOAD_PLUGINS"
@@ -84,6 +85,7 @@ class Catalog:
     methods: dict[str, Registered[TuningMethod]] = field(default_factory=dict)
     evaluators: dict[str, Registered[Evaluator]] = field(default_factory=dict)
     objectives: dict[str, Registered[TrainingObjective]] = field(default_factory=dict)
+    trackers: dict[str, Registered[Tracker]] = field(default_factory=dict)
     problems: list[PluginProblem] = field(default_factory=list)
 
     def format(self, name: str) -> DataFormat:
@@ -98,10 +100,14 @@ class Catalog:
     def objective(self, name: str) -> TrainingObjective:
         return self._lookup(self.objectives, "objective", name)
 
+    def tracker(self, name: str) -> Tracker:
+        return self._lookup(self.trackers, "tracker", name)
+
     def unknown(self, kind: str, name: str, *, failures: bool = True) -> UnknownNameError:
-        """The error for an unknown ``kind`` (format, method, evaluator, objective) named ``name``: the known
-        names, a close one, and (unless not ``failures``: the HTTP API does not show the server's
-        plugin errors to tenants) the plugins that failed to load, where it may come from."""
+        """The error for an unknown ``kind`` (format, method, evaluator, objective, tracker) named
+        ``name``: the known names, a close one, and (unless not ``failures``: the HTTP API does not
+        show the server's plugin errors to tenants) the plugins that failed to load, where it may
+        come from."""
         known = list(getattr(self, f"{kind}s"))
         close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
         failed = [
@@ -120,7 +126,7 @@ class Catalog:
     def entries(self) -> list[Registered[Any]]:
         """Every registered thing, formats first, each kind sorted by name."""
         out: list[Registered[Any]] = []
-        for table in (self.formats, self.methods, self.objectives, self.evaluators):
+        for table in (self.formats, self.methods, self.objectives, self.evaluators, self.trackers):
             out.extend(table[k] for k in sorted(table))
         return out
 
@@ -206,11 +212,22 @@ class ObjectiveRegister(_Register):
         return None
 
 
+class TrackerRegister(_Register):
+    """Passed to ``register_trackers``."""
+
+    kind, base = "tracker", Tracker
+
+    def add_tracker(self, tracker: Tracker) -> None:
+        """Make ``tracker`` available under ``tracker.name`` (``log: {<name>: ...}`` in run.yaml)."""
+        self._add(tracker)
+
+
 _HOOKS: tuple[tuple[str, type[_Register], str], ...] = (
     ("register_formats", FormatRegister, "formats"),
     ("register_methods", MethodRegister, "methods"),
     ("register_objectives", ObjectiveRegister, "objectives"),
     ("register_evaluators", EvaluatorRegister, "evaluators"),
+    ("register_trackers", TrackerRegister, "trackers"),
 )
 
 _pm: pluggy.PluginManager | None = None

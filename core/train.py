@@ -49,6 +49,7 @@ from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
 from adapterdeck.core.report import library_versions, plot_losses
 from adapterdeck.core.rundata import RunData, check_data_kinds, load_data
+from adapterdeck.core.trackers import RunTrackers
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -106,8 +107,11 @@ class Outcome:
     start_val_loss: float | None = None  # a continued run's validation loss before its first step
 
 
-def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False) -> TrainResult:
-    """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``."""
+def run_training(
+    config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False, run_name: str | None = None
+) -> TrainResult:
+    """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``;
+    logged to the trackers in ``config.log`` (as ``run_name``, default the output directory's name)."""
     rep = reporter or Reporter()
     started = time.monotonic()
     durations: dict[str, float] = {}
@@ -130,29 +134,32 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     check_data_kinds(objective, data)
     durations["validate"] = _since(started)
 
-    rep.stage("loading the base model")
-    t = time.monotonic()
-    tuning = load_model(config, method, params, objective, objective_params, rep, parent)
-    durations["load"] = _since(t)
-
-    schedule = plan(config, len(data.train_ds), method)
-    clear_run_dir(config.output)
-    rep.stage("training")
-    outcome = train(config, data, tuning, schedule, rep)
-    durations["train"] = round(outcome.seconds, 3)
-
-    meta = save_adapter(config, data, tuning)
-    report = build_report(config, data, tuning, schedule, outcome, meta, durations)
-    write_report(config.output, report)
-    plot_losses(report, config.output / "loss.png")
-
-    if data.split.test and outcome.stop_reason != "interrupted":
-        rep.stage("evaluating on the test split, base and tuned")
+    trackers = RunTrackers.for_run(config, plugins, data.sha256, (params, objective_params), run_name, rep)
+    with trackers:
+        rep.stage("loading the base model")
         t = time.monotonic()
-        report["test"], report["samples"] = evaluate(config, data, tuning, evaluators, rep)
-        durations["evaluate"] = _since(t)
-    durations["total"] = _since(started)
-    write_report(config.output, report)
+        tuning = load_model(config, method, params, objective, objective_params, rep, parent)
+        durations["load"] = _since(t)
+
+        schedule = plan(config, len(data.train_ds), method)
+        clear_run_dir(config.output)
+        rep.stage("training")
+        outcome = train(config, data, tuning, schedule, rep, trackers)
+        durations["train"] = round(outcome.seconds, 3)
+
+        meta = save_adapter(config, data, tuning)
+        report = build_report(config, data, tuning, schedule, outcome, meta, durations)
+        write_report(config.output, report)
+        plot_losses(report, config.output / "loss.png")
+
+        if data.split.test and outcome.stop_reason != "interrupted":
+            rep.stage("evaluating on the test split, base and tuned")
+            t = time.monotonic()
+            report["test"], report["samples"] = evaluate(config, data, tuning, evaluators, rep)
+            durations["evaluate"] = _since(t)
+        durations["total"] = _since(started)
+        write_report(config.output, report)
+        trackers.end(report, config.output)
     return TrainResult(config.output, report, tuning.model, data.tokenizer)
 
 
@@ -267,12 +274,13 @@ def build_trainer(
     arguments: dict[str, Any],
     rep: Reporter,
     stop: dict[str, bool],
+    trackers: RunTrackers,
 ) -> Trainer:
-    """The objective's trainer, reporting to ``rep``, stopping early as configured and when
-    ``stop`` asks."""
+    """The objective's trainer, reporting to ``rep`` and ``trackers``, stopping early as configured
+    and when ``stop`` asks."""
     from transformers import EarlyStoppingCallback, PrinterCallback
 
-    callbacks = [trainer_callback(rep, stop)]
+    callbacks = [trainer_callback(rep, stop), *trackers.callbacks()]
     if config.early_stopping.patience:
         callbacks.append(
             EarlyStoppingCallback(
@@ -290,12 +298,14 @@ def build_trainer(
     return trainer
 
 
-def train(config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter) -> Outcome:
+def train(
+    config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter, trackers: RunTrackers
+) -> Outcome:
     """Train until done, early-stopped or Ctrl-C; the best checkpoint's weights are loaded back."""
     arguments = training_arguments(config, schedule, tuning)
     t = time.monotonic()
     with Interrupts(rep) as stop:
-        trainer = build_trainer(config, data, tuning, arguments, rep, stop)
+        trainer = build_trainer(config, data, tuning, arguments, rep, stop, trackers)
         # A continued run starts where its parent ended: measured, so the report can show it.
         start = trainer.evaluate()["eval_loss"] if tuning.parent is not None else None
         trainer.train()

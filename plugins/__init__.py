@@ -13,4 +13,5 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "adapterdeck.plugins.lora",
     "adapterdeck.plugins.objectives",
     "adapterdeck.plugins.prefix",
+    "adapterdeck.plugins.trackers",
 )

@@ -215,6 +215,8 @@ ft_jobs = Table(
     Column("objective", JSON),
     # The fine-tuned model the job continues: {"model": "ft:...", "ref": "tenant/ft-...@N"}; null: the base.
     Column("parent", JSON),
+    # OpenAI's integrations as the job was created with them ([{"type": "mlflow", "mlflow": {...}}]).
+    Column("integrations", JSON),
     Column("evaluators", JSON, nullable=False),
     Column("user_metadata", JSON),
     Column("fine_tuned_model", String(255), unique=True),

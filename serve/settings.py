@@ -184,6 +184,10 @@ class FineTuneSettings(Strict):
     poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for queued jobs")
     stop_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL of a stopped training")
     workdir: Path | None = Field(None, description="where workers train; default: <registry home>/finetune")
+    mlflow_tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="MLflow tracking URIs a job's mlflow integration may log to; the first is the default",
+    )
 
 
 class ServeSettings(Strict):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from adapterdeck.core import evaluators, formats, hookspecs, methods, objectives
+from adapterdeck.core import evaluators, formats, hookspecs, methods, objectives, trackers
 from adapterdeck.core.config import RunConfig
 from adapterdeck.registry.settings import RegistrySettings
 from adapterdeck.serve.settings import ServeSettings, WorkerSettings
@@ -128,6 +128,10 @@ def test_each_hook_has_a_test(hook: str) -> None:
         objectives.TrainingObjective,
         evaluators.EvalSample,
         evaluators.Evaluator,
+        trackers.TrackerParams,
+        trackers.RunStart,
+        trackers.TrackedRun,
+        trackers.Tracker,
     ],
     ids=lambda obj: obj.__name__,
 )

@@ -1,7 +1,7 @@
 """The OpenAI fine-tuning API, end to end: a real `adapterdeck serve` (gateway, vLLM CPU build, one
 local fine-tuning worker) on a real SQLite registry, driven only by the official `openai` client;
 cancellation and a SIGKILLed worker against real processes; job claiming by concurrent worker
-processes on SQLite and PostgreSQL."""
+processes on SQLite and PostgreSQL; a job's MLflow integration, logged to a local MLflow store."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ import httpx
 import openai
 import pytest
 import yaml
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from mlflow import MlflowClient
 from sqlalchemy import inspect
 
 from adapterdeck.core.demo import SENTIMENT_SYSTEM, sentiment_record, write_demo_dataset
@@ -28,8 +32,13 @@ from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry import schema as t
 from adapterdeck.registry.finetune import FineTuning
 from adapterdeck.registry.tenants import create_key
+from adapterdeck.serve import errors
+from adapterdeck.serve.auth import Keys
+from adapterdeck.serve.finetune import api as finetune_api
 from adapterdeck.serve.finetune.worker import Worker
-from adapterdeck.serve.settings import FineTuneSettings
+from adapterdeck.serve.limits import Limiter
+from adapterdeck.serve.outage import DatabaseStatus
+from adapterdeck.serve.settings import FineTuneSettings, LimitSettings, ServeSettings
 
 from .conftest import free_port
 from .gateway_helpers import launch, wait_ready
@@ -679,5 +688,107 @@ def test_concurrent_workers_never_claim_the_same_job(database: str, tmp_path: Pa
             assert (job.status, job.attempts, job.worker_id) == ("queued", 1, None)
             requeued = [e for e in ft.list_events(job_id).items if "requeued" in e.message]
             assert len(requeued) == 1
+    finally:
+        registry.close()
+
+
+# -- integrations: a job logged to MLflow -----------------------------------------------------------
+
+
+def test_a_job_with_an_mlflow_integration_is_logged_to_the_store(base_model: Path, tmp_path: Path) -> None:
+    """The fine-tuning API alone (no engine) on a real SQLite registry, driven by the openai client,
+    and a worker in this process: the job keeps its integration and answers it as given, its run is
+    logged to the MLflow store, KILLED when it is cancelled; wandb, other types, another store and bad
+    settings are 400s."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The operator's experiment, its artifacts under the test's directory.
+    mlflow = MlflowClient(tracking_uri=uri)
+    experiment = mlflow.create_experiment("acme-support", artifact_location=(tmp_path / "artifacts").as_uri())
+    registry = Registry(RegistrySettings(home=tmp_path / "home"))
+    settings = ServeSettings(base=str(base_model), finetune={"mlflow_tracking_uris": [uri]})
+    app = FastAPI()
+    app.state.keys = Keys(registry, DatabaseStatus(), Limiter(LimitSettings(), {}))
+    app.state.settings, app.state.registry = settings, registry
+    errors.install(app)
+    app.include_router(finetune_api.router)
+    try:
+        with TestClient(app) as http:
+            acme = openai.OpenAI(base_url="http://testserver/v1", api_key=create_key(registry, "acme"),
+                                 http_client=http, max_retries=0)  # fmt: skip
+            path = write_demo_dataset(tmp_path / "support.jsonl", task="support", n=40)
+            uploaded = acme.files.create(file=path.open("rb"), purpose="fine-tune")
+            hyper = {"n_epochs": 1, "batch_size": 8}
+            job_args: dict[str, Any] = {
+                "model": settings.base_name(), "training_file": uploaded.id, "seed": 1,
+                "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+                "extra_body": {"adapterdeck": {"method": "lora", "params": {"r": 8}, "evaluators": ["loss"]}},
+            }  # fmt: skip
+            refused = [
+                ({"type": "wandb", "wandb": {"project": "p"}}, "integrations.0.type", "Weights & Biases"),
+                ({"type": "neptune", "neptune": {}}, "integrations.0.type",
+                 "unknown integration type 'neptune'; supported: mlflow"),
+                ({"type": "mlflow", "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'x.db'}"}},
+                 "integrations.0.mlflow.tracking_uri", "is not one this server logs to; it logs to: " + uri),
+                ({"type": "mlflow", "mlflow": {"artifact_location": "file:///etc"}},
+                 "integrations.0.mlflow.artifact_location", "cannot be set through the API"),
+                ({"type": "mlflow", "mlflow": {"experimnt": "x"}}, "integrations.0.mlflow.experimnt",
+                 "Extra inputs are not permitted"),
+                ({"type": "mlflow", "mlflow": {}, "wandb": {}}, "integrations.0", "unknown key 'wandb'"),
+            ]  # fmt: skip
+            for integration, param, message in refused:
+                with pytest.raises(openai.BadRequestError) as info:
+                    acme.fine_tuning.jobs.create(**job_args, integrations=[integration])
+                assert info.value.body["param"] == param, (integration, info.value.body)
+                assert message in info.value.body["message"], (integration, info.value.body)
+            assert acme.fine_tuning.jobs.list().data == []
+
+            given = {"type": "mlflow", "mlflow": {"experiment": "acme-support", "tags": {"team": "support"}}}
+            job = acme.fine_tuning.jobs.create(**job_args, integrations=[given])
+            kept = [{"type": "mlflow", "mlflow": {"tracking_uri": uri, **given["mlflow"]}}]  # the default URI
+            assert job.to_dict()["integrations"] == kept
+
+            ft = FineTuning(registry)
+            worker = Worker(registry, FineTuneSettings(heartbeat_seconds=0.5), worker_id="test:1")
+            claimed = ft.claim_next(worker.worker_id, 30)
+            assert claimed is not None and claimed.id == job.id
+            worker.run_job(claimed)
+            done = acme.fine_tuning.jobs.retrieve(job.id)
+            assert done.status == "succeeded", done.error
+            assert done.to_dict()["integrations"] == kept
+            report = json.loads(acme.files.content(done.result_files[1]).content)
+
+            # A job cancelled while it trains: its training stops on SIGTERM, its run is KILLED.
+            hyper.update(n_epochs=100)
+            long = acme.fine_tuning.jobs.create(**job_args, integrations=[given])
+            claimed = ft.claim_next(worker.worker_id, 30)
+            assert claimed is not None and claimed.id == long.id
+            running = threading.Thread(target=worker.run_job, args=(claimed,))
+            running.start()
+
+            def training() -> Any:
+                runs = mlflow.search_runs([experiment], filter_string=f"attributes.run_name = '{long.id}'")
+                return runs and runs[0].data.metrics.get("loss") is not None and runs[0]
+
+            started = _wait(training, 180, f"training of {long.id}")
+            acme.fine_tuning.jobs.cancel(long.id)
+            running.join(timeout=60)
+            assert not running.is_alive()
+            assert acme.fine_tuning.jobs.retrieve(long.id).status == "cancelled"
+            assert mlflow.get_run(started.info.run_id).info.status == "KILLED"
+
+        run = mlflow.search_runs([experiment], filter_string=f"attributes.run_name = '{job.id}'")[0]
+        assert run.info.run_name == job.id and run.info.status == "FINISHED"
+        assert run.data.tags["team"] == "support"
+        assert run.data.params["method.r"] == "8" and run.data.params["train.epochs"] == "1.0"
+        assert run.data.params["data.sha256"] == report["data"]["sha256"]
+        losses = [(m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, "loss")]
+        assert losses and losses == [(p["step"], p["loss"]) for p in report["training"]["train_loss"]]
+        assert {a.path for a in mlflow.list_artifacts(run.info.run_id)} == {
+            "report.json",
+            "loss.png",
+            "adapter",
+        }
+        copy = mlflow.download_artifacts(run.info.run_id, "report.json", str(tmp_path / "download"))
+        assert json.loads(Path(copy).read_text()) == report
     finally:
         registry.close()

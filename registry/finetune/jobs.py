@@ -78,6 +78,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
         max_attempts: int,
         objective: dict[str, Any] | None = None,
         parent: dict[str, str] | None = None,
+        integrations: list[dict[str, Any]] | None = None,
     ) -> JobRecord:
         """Record a job in ``validating_files``; ``files_validated`` or ``fail`` moves it on."""
         job_id = new_id(JOB_PREFIX)
@@ -98,6 +99,7 @@ class FineTuning(UploadedFiles, WorkerLeases):
                     adapter_method=adapter_method,
                     objective=objective,
                     parent=parent,
+                    integrations=integrations or None,
                     evaluators=evaluators,
                     user_metadata=metadata,
                     result_files=[],

@@ -50,6 +50,7 @@ class JobRecord:
     adapter_method: dict[str, Any]
     objective: dict[str, Any] | None  # {"name": "dpo", "beta": 0.1}; None: sft
     parent: dict[str, str] | None  # {"model": "ft:...", "ref": "tenant/ft-...@N"}; None: the base
+    integrations: list[dict[str, Any]] | None  # [{"type": "mlflow", "mlflow": {...}}]; None: none
     evaluators: list[str]
     user_metadata: dict[str, str] | None
     fine_tuned_model: str | None

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
 from adapterdeck.core.errors import AdapterdeckError
+from adapterdeck.plugins.trackers import shown
 from adapterdeck.registry import Conflict, NotFound, Registry
 from adapterdeck.registry.finetune import (
     PURPOSE_TRAINING,
@@ -38,6 +39,7 @@ from adapterdeck.serve.errors import ApiError, api_error, bad_request, model_not
 from adapterdeck.serve.finetune.objects import (
     DpoHyperparameters,
     Hyperparameters,
+    Integration,
     JobCreate,
     checkpoint_object,
     event_object,
@@ -52,6 +54,8 @@ logger = logging.getLogger("adapterdeck.serve")
 router = APIRouter()
 CHUNK = 1 << 20
 SHOWN_ERRORS = 50
+# The integration types a job may have: the trackers a job is logged to (``log`` in its run config).
+INTEGRATIONS = ("mlflow",)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -277,11 +281,79 @@ def _parent(
     return {"model": body.model, "ref": info.ref}, info.method
 
 
+def _integrations(settings: ServeSettings, given: list[Integration]) -> list[dict[str, Any]]:
+    """OpenAI's integrations as the job keeps them: each checked (an ``mlflow`` one logs to a tracking
+    URI of ``finetune.mlflow_tracking_uris``, the first when it names none); any other type is a 400."""
+    from pydantic import ValidationError
+
+    from adapterdeck.core.plugins import catalog
+
+    kept: list[dict[str, Any]] = []
+    for i, integration in enumerate(given):
+        where, kind = f"integrations.{i}", integration.type
+        if kind == "wandb":
+            raise bad_request(
+                "Weights & Biases (type 'wandb') is not supported here: this server reaches no hosted "
+                'service. Log the job to an MLflow tracking server: {"type": "mlflow", "mlflow": '
+                '{"tracking_uri": ..., "experiment": ...}}.',
+                f"{where}.type",
+            )
+        if kind not in INTEGRATIONS:
+            raise bad_request(
+                f"unknown integration type {kind!r}; supported: {', '.join(INTEGRATIONS)}", f"{where}.type"
+            )
+        if any(k["type"] == kind for k in kept):
+            raise bad_request(f"more than one integration of type {kind!r}", f"{where}.type")
+        extra = sorted(set(integration.model_extra or {}) - {kind})
+        if extra:
+            raise bad_request(f"unknown key {extra[0]!r} in an integration of type {kind!r}", where)
+        options = (integration.model_extra or {}).get(kind) or {}
+        if not isinstance(options, dict):
+            raise bad_request(f"expected an object of the {kind} integration's settings", f"{where}.{kind}")
+        if kind == "mlflow":
+            options = _mlflow_options(settings, options, f"{where}.{kind}")
+        try:
+            catalog().tracker(kind).params.model_validate(options)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            param = ".".join([where, kind, *map(str, error["loc"])])
+            raise bad_request(f"{param}: {error['msg']}", param) from None
+        kept.append({"type": kind, kind: options})
+    return kept
+
+
+def _mlflow_options(settings: ServeSettings, options: dict[str, Any], where: str) -> dict[str, Any]:
+    """An mlflow integration's settings with its tracking URI: one the operator listed, never a
+    store on the worker's disk chosen by a tenant, nor an artifact location there."""
+    allowed = settings.finetune.mlflow_tracking_uris
+    if not allowed:
+        raise bad_request(
+            "this server takes no mlflow integration: its operator lists the tracking URIs jobs may "
+            "log to in finetune.mlflow_tracking_uris",
+            where,
+        )
+    if "artifact_location" in options:
+        raise bad_request(
+            "artifact_location cannot be set through the API: a new experiment keeps its artifacts "
+            "where its tracking server puts them",
+            f"{where}.artifact_location",
+        )
+    uri = options.get("tracking_uri")
+    if uri is None:
+        return {"tracking_uri": allowed[0], **options}
+    if not isinstance(uri, str) or uri.rstrip("/") not in {a.rstrip("/") for a in allowed}:
+        raise bad_request(
+            f"tracking_uri {shown(str(uri))!r} is not one this server logs to; it logs to: "
+            + ", ".join(shown(a) for a in allowed),
+            f"{where}.tracking_uri",
+        )
+    return options
+
+
 def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: JobCreate) -> JobRecord:
     base_name = settings.base_name()
     parent, method = _parent(settings, jobs, tenant, body)
-    if body.integrations:
-        raise bad_request("integrations are not supported.", "integrations")
+    integrations = _integrations(settings, body.integrations or [])
     if body.method is not None and body.hyperparameters is not None:
         raise bad_request(
             f"give the hyperparameters in method.{body.method.type}, not also at the top level.",
@@ -314,6 +386,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
             evaluators=options.evaluators,
             hyperparameters=hyperparameters,
             objective=objective,
+            integrations=integrations,
         )
     except AdapterdeckError as exc:
         raise bad_request(str(exc), "adapterdeck") from None
@@ -329,6 +402,7 @@ def _create_job(settings: ServeSettings, jobs: FineTuning, tenant: str, body: Jo
         adapter_method=adapter_method,
         objective=objective,
         parent=parent,
+        integrations=integrations,
         evaluators=options.evaluators,
         metadata=body.metadata,
         max_attempts=settings.finetune.max_attempts,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -132,9 +133,16 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _stopped(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(spec_path: str) -> int:
     """Run one job's training from its spec; progress and errors go to the worker as JSON lines."""
     die_with_parent()
+    # A cancel or a stopping worker ends the training with SIGTERM: stop as Ctrl-C does, so the
+    # run's trackers record it killed before the process exits (SIGKILL follows the grace period).
+    signal.signal(signal.SIGTERM, _stopped)
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever libraries print goes to the log, not into the protocol
     emit = _Emitter(protocol)
@@ -162,6 +170,7 @@ def main(spec_path: str) -> int:
                 seed=spec["seed"],
                 objective=spec.get("objective"),
                 init_adapter=parent["ref"] if parent else None,
+                integrations=spec.get("integrations"),
                 train=Path(spec["train"]),
                 validation=Path(spec["validation"]) if spec.get("validation") else None,
                 output=Path(spec["output"]),
@@ -169,7 +178,7 @@ def main(spec_path: str) -> int:
             f"job {spec['job_id']}",
         )
         reporter = _JobReporter(emit, resolved["n_epochs"])
-        result = run_training(config, reporter, overwrite=True)
+        result = run_training(config, reporter, overwrite=True, run_name=spec["job_id"])
         training = result.report["training"]
         reporter.finish(training)
         if training["stop_reason"] == "early_stopping":
@@ -197,6 +206,9 @@ def main(spec_path: str) -> int:
     except AdapterdeckError as exc:
         emit("error", code="invalid_training_run", message=str(exc))
         return 2
+    except KeyboardInterrupt:
+        emit("error", code="training_stopped", message="the training was stopped by a signal")
+        return 130
     except Exception as exc:
         import traceback
 

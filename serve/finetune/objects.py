@@ -68,6 +68,14 @@ class Method(_Strict):
         return self
 
 
+class Integration(BaseModel):
+    """One of OpenAI's ``integrations``: ``{"type": T, T: {its settings}}``, as
+    ``{"type": "mlflow", "mlflow": {"tracking_uri": ..., "experiment": ...}}``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class AdapterdeckOptions(_Strict):
     """adapterdeck's extension of a job: the method plugin, its parameters and the evaluators."""
 
@@ -85,7 +93,7 @@ class JobCreate(_Strict):
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
-    integrations: list[Any] | None = None
+    integrations: list[Integration] | None = Field(None, max_length=8)
     adapterdeck: AdapterdeckOptions = Field(default_factory=AdapterdeckOptions)
 
 
@@ -127,7 +135,7 @@ def job_object(job: JobRecord) -> dict[str, Any]:
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "estimated_finish": epoch(job.estimated_finish),
-        "integrations": [],
+        "integrations": job.integrations or [],
         "metadata": job.user_metadata,
         "method": method,
         "user_provided_suffix": job.suffix,

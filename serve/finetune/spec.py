@@ -44,6 +44,12 @@ def objective_config(objective: dict[str, Any] | None, hyperparameters: dict[str
     return config
 
 
+def log_config(integrations: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The run config's ``log``: each of OpenAI's integrations (``{"type": T, T: {...}}``) as tracker
+    T with those parameters."""
+    return {i["type"]: dict(i.get(i["type"]) or {}) for i in integrations or []}
+
+
 def run_config(
     *,
     base: str,
@@ -53,6 +59,7 @@ def run_config(
     seed: int,
     objective: dict[str, Any] | None = None,
     init_adapter: str | None = None,
+    integrations: list[dict[str, Any]] | None = None,
     train: Path,
     validation: Path | None,
     output: Path,
@@ -77,6 +84,7 @@ def run_config(
         },
         "eval": {"evaluators": list(evaluators), "samples": 3},
         "output": str(output),
+        "log": log_config(integrations),
     }
 
 
@@ -87,9 +95,10 @@ def check_job_config(
     evaluators: list[str],
     hyperparameters: dict[str, Any],
     objective: dict[str, Any] | None = None,
+    integrations: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Raise ``AdapterdeckError`` naming the key when the method, its parameters, the evaluators or
-    the hyperparameters would not make a valid run config."""
+    """Raise ``AdapterdeckError`` naming the key when the method, its parameters, the evaluators,
+    the hyperparameters or the integrations would not make a valid run config."""
     from adapterdeck.core.config import parse_config
     from adapterdeck.core.plugins import catalog
 
@@ -109,6 +118,7 @@ def check_job_config(
         hyperparameters=resolved,
         seed=0,
         objective=objective,
+        integrations=integrations,
         train=Path("train.jsonl"),
         validation=None,
         output=Path("run"),

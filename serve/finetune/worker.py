@@ -226,6 +226,7 @@ class Worker:
             "base": self.base or job.base,
             "adapter_method": job.adapter_method,
             "objective": job.objective,
+            "integrations": job.integrations,
             "evaluators": job.evaluators,
             "hyperparameters": job.hyperparameters,
             "examples": examples,
