@@ -1,12 +1,15 @@
 """The demo tasks: small, deterministic, and learnable by a tiny random-init model in minutes.
 
-Two tenants, two tasks, so two adapters with visibly different behaviour on one base:
+Three tenants, three tasks, so three adapters with visibly different behaviour on one base:
 
 - ``support`` (tenant acme): a customer support message -> ``{"category": ..., "priority": ...}``.
 - ``sentiment`` (tenant globex): a product review -> one word, ``positive``, ``negative`` or ``mixed``.
+- ``direct`` (tenant initech), preference pairs for DPO: a small counting question, where the
+  answer first and then why is preferred over a chatty preamble before the same answer.
 
-The answer follows from cue words hidden among filler (names, order numbers, products), so a
-model has to read the message, and a base model that was never trained answers gibberish.
+In the first two the answer follows from cue words hidden among filler (names, order numbers,
+products), so a model has to read the message, and a base model that was never trained answers
+gibberish. The third teaches a style, not a fact: both sides of a pair hold the right answer.
 """
 
 from __future__ import annotations
@@ -102,6 +105,52 @@ def sentiment_record(rng: random.Random) -> dict[str, Any]:
     return _chat(SENTIMENT_SYSTEM, text, label)
 
 
+# ``direct``: the answer first, then why, preferred over a chatty preamble before the answer.
+# Both sides hold the same right answer and are about as long, so what a preference-tuned model
+# learns is the style, not a length or a fact.
+DIRECT_QUESTIONS: list[tuple[str, Callable[[int, int], int], str]] = [
+    (
+        "How many minutes are in {a} hours?",
+        lambda a, b: a * 60,
+        "Each hour has 60 minutes, and {a} × 60 = {x}.",
+    ),
+    ("How many hours are in {a} days?", lambda a, b: a * 24, "Each day has 24 hours, and {a} × 24 = {x}."),
+    ("How many days are in {a} weeks?", lambda a, b: a * 7, "Each week has 7 days, and {a} × 7 = {x}."),
+    (
+        "How many months are in {a} years?",
+        lambda a, b: a * 12,
+        "Each year has 12 months, and {a} × 12 = {x}.",
+    ),
+    ("How many legs do {a} spiders have?", lambda a, b: a * 8, "A spider has 8 legs, and {a} × 8 = {x}."),
+    ("How many wheels do {a} cars have?", lambda a, b: a * 4, "A car has 4 wheels, and {a} × 4 = {x}."),
+    ("What is {a} plus {b}?", lambda a, b: a + b, "Adding {b} to {a} gives {x}."),
+    ("What is {a} times {b}?", lambda a, b: a * b, "{a} groups of {b} make {x}."),
+    (
+        "I have {a} apples and eat {b} of them. How many are left?",
+        lambda a, b: a - b,
+        "Taking {b} from {a} leaves {x}.",
+    ),
+]
+PREAMBLES = [
+    "Great question! Let me work that out for you. The answer is {x}.",
+    "What a fun one to think about! After some thought, I get {x}.",
+    "Sure, I would be happy to help you with this. It comes to {x}.",
+    "That is an interesting question! Let me see... I believe it is {x}.",
+]
+
+
+def direct_record(rng: random.Random) -> dict[str, Any]:
+    question, answer, why = rng.choice(DIRECT_QUESTIONS)
+    a = rng.randint(2, 19)
+    b = rng.randint(1, a - 1)
+    x = answer(a, b)
+    return {
+        "input": {"messages": [{"role": "user", "content": question.format(a=a, b=b)}]},
+        "preferred_output": [{"role": "assistant", "content": f"{x}. " + why.format(a=a, b=b, x=x)}],
+        "non_preferred_output": [{"role": "assistant", "content": rng.choice(PREAMBLES).format(x=x)}],
+    }
+
+
 def _chat(system: str, user: str, answer: str) -> dict[str, Any]:
     return {
         "messages": [
@@ -122,16 +171,26 @@ class DemoTask:
     #: 300), and no more, since more steps on one narrow format make the base forget more
     #: (support with 300: 100% exact match, but 18 points lost on the general probes).
     real_examples: int
+    #: The training objective (``sft``, or ``dpo`` for a task of preference pairs).
+    objective: str = "sft"
+    #: The metric that says whether the task was learned (shown first by the demo).
+    headline: str = "exact_match"
+    #: Examples on the tiny base.
+    tiny_examples: int = 600
 
 
 TASKS: dict[str, DemoTask] = {
     "support": DemoTask("acme", support_record, ("loss", "exact_match", "json_valid"), real_examples=200),
     "sentiment": DemoTask("globex", sentiment_record, ("loss", "exact_match"), real_examples=300),
-}
+    "direct": DemoTask(
+        "initech", direct_record, ("loss", "first_word"), real_examples=200, objective="dpo",
+        headline="preference_accuracy", tiny_examples=200,
+    ),
+}  # fmt: skip
 
 
 def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, seed: int = 0) -> Path:
-    """Write ``n`` distinct examples of a demo task as chat JSONL."""
+    """Write ``n`` distinct examples of a demo task as JSONL (chat; preference pairs for ``direct``)."""
     if task not in TASKS:
         raise ValueError(f"unknown demo task {task!r}; tasks: {', '.join(TASKS)}")
     make = TASKS[task].make
@@ -148,14 +207,11 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
     return path
 
 
-# Examples per demo task on the tiny base, which learns from scratch and needs more; on the real
-# base each task says how many (``DemoTask.real_examples``), tuned with its method's defaults.
-TINY_EXAMPLES = 600
-
-
 def demo_examples(task: str, real: bool) -> int:
-    """How many examples the demo writes for ``task`` on the real or the tiny base."""
-    return TASKS[task].real_examples if real else TINY_EXAMPLES
+    """How many examples the demo writes for ``task`` on the real or the tiny base (which learns
+    from scratch and needs more; on the real base each task is tuned with its method's defaults)."""
+    spec = TASKS[task]
+    return spec.real_examples if real else spec.tiny_examples
 
 
 def demo_config(
@@ -167,12 +223,15 @@ def demo_config(
     (zero-shot and few-shot) beside the tuned model, and the ``general`` probes for forgetting.
     On the tiny random-init base: a high learning rate and more epochs, since it learns from nothing.
     """
-    evaluators = list(TASKS[task].evaluators)
+    spec = TASKS[task]
+    evaluators = list(spec.evaluators)
+    objective = {"objective": spec.objective} if spec.objective != "sft" else {}
     if real:
         return {
             "base": str(base),
             "data": {"train": str(data)},
-            "train": {"seed": seed},
+            **objective,
+            "train": {"seed": seed, **DPO_REAL} if objective else {"seed": seed},
             "eval": {"evaluators": [*evaluators, "general"], "samples": 5, "base_shots": 3},
             "output": str(output),
         }
@@ -180,7 +239,12 @@ def demo_config(
         "base": str(base),
         "data": {"train": str(data)},
         "method": {"name": "lora", "r": 8},
-        "train": {"learning_rate": 3e-3, "epochs": 6, "batch_size": 16, "seed": seed},
+        **objective,
+        "train": {"learning_rate": 3e-3, "epochs": 2 if objective else 6, "batch_size": 16, "seed": seed},
         "eval": {"evaluators": evaluators, "samples": 5},
         "output": str(output),
     }
+
+
+# DPO on the real base: one epoch at a higher learning rate than LoRA's default (measured below).
+DPO_REAL: dict[str, Any] = {"learning_rate": 5e-4, "epochs": 1}

@@ -1,4 +1,5 @@
-"""The built-in evaluators: ``loss``, ``exact_match``, ``json_valid`` and ``rouge_l``."""
+"""The built-in evaluators: ``loss``, ``exact_match``, ``first_word``, ``preference_accuracy``,
+``json_valid`` and ``rouge_l``."""
 
 from __future__ import annotations
 
@@ -56,6 +57,29 @@ class ExactMatch(Evaluator):
         if sample.prediction is None:
             return 0.0
         return 1.0 if sample.prediction.strip() == sample.reference.strip() else 0.0
+
+
+def first_word(text: str) -> str:
+    """The first word of ``text``, without the punctuation around it and in lower case."""
+    words = text.split(maxsplit=1)
+    return words[0].strip(".,;:!?\"'()[]").lower() if words else ""
+
+
+class FirstWord(Evaluator):
+    name = "first_word"
+    description = (
+        "1.0 when the answer's first word is the reference's (case and punctuation ignored): "
+        "the answer comes first"
+    )
+    higher_is_better = True
+    needs_generation = True
+    needs_loss = False
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.prediction is None:
+            return 0.0
+        expected = first_word(sample.reference)
+        return 1.0 if expected and first_word(sample.prediction) == expected else 0.0
 
 
 class PreferenceAccuracy(Evaluator):
@@ -128,6 +152,7 @@ class RougeL(Evaluator):
 def register_evaluators(register: EvaluatorRegister) -> None:
     register.add_evaluator(Loss())
     register.add_evaluator(ExactMatch())
+    register.add_evaluator(FirstWord())
     register.add_evaluator(JsonValid())
     register.add_evaluator(PreferenceAccuracy())
     register.add_evaluator(RougeL())

@@ -67,7 +67,7 @@ def demo_run(
         bool, typer.Option(help="Then keep the gateway and its dashboard (/ui) running until Ctrl-C.")
     ] = False,
 ) -> None:
-    """Build the base, train two tenants' adapters, publish, serve through vLLM, call them, shut down."""
+    """Build the base, train three tenants' adapters, publish, serve through vLLM, call them, shut down."""
     from adapterdeck.core.basemodel import BASE_NAMES, TINY, build_base_model, ensure_named_base
     from adapterdeck.core.config import parse_config
     from adapterdeck.core.demo import TASKS, demo_config, demo_examples, write_demo_dataset
@@ -95,7 +95,7 @@ def demo_run(
         config = parse_config(
             demo_config(base_dir, data, workdir / "runs" / task, seed, task, real=real), f"demo {task}"
         )
-        out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter")
+        out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter ({spec.objective})")
         result = run_training(config, RichReporter(out), overwrite=True)
         print_summary(result.report, result.run_dir, out)
         runs[f"{spec.tenant}/{task}"] = result.run_dir
@@ -104,8 +104,10 @@ def demo_run(
     out.rule("training result: held-out test split")
     out.print(_results_table(reports))
     for name, report in reports.items():
-        m = report["test"]["metrics"]["exact_match"]
-        out.print(f"{name}: exact match base {m['base']['value']:.0%} -> tuned {m['tuned']['value']:.0%}")
+        headline = TASKS[name.split("/", 1)[1]].headline
+        m = report["test"]["metrics"][headline]
+        base, tuned = m["base"]["value"], m["tuned"]["value"]
+        out.print(f"{name}: {headline.replace('_', ' ')} base {base:.0%} -> tuned {tuned:.0%}")
     if serve:
         served = "tiny-base" if not real else base
         _publish_serve_and_call(workdir, base_dir, runs, served, keep_serving)
@@ -124,7 +126,7 @@ def _results_table(reports: dict[str, dict]) -> Table:
     table = Table("task", "metric", "base, system prompt", f"base, {shots}-shot", "tuned", show_lines=False)
     for name, report in reports.items():
         metrics = report["test"]["metrics"]
-        for metric in ("exact_match", "json_valid"):
+        for metric in ("exact_match", "json_valid", "first_word", "preference_accuracy"):
             if metric in metrics:
                 m = metrics[metric]
                 table.add_row(name, metric, pct(m, BASE), pct(m, FEW_SHOT), pct(m, TUNED))
@@ -214,13 +216,18 @@ def _publish_serve_and_call(
                 "The blender is excellent and it works great. Bought by Omar in 2024.",
                 "The jacket broke in a week but it is lovely. Bought by Sara in 2021.",
             ]),
+            "initech/direct": (None, [
+                "How many minutes are in 7 hours?", "How many legs do 5 spiders have?",
+            ]),
         }  # fmt: skip
         table = Table("tenant model", "prompt", "base answers", "adapter answers", show_lines=True)
         for adapter, (system, texts) in prompts.items():
             tenant = adapter.split("/")[0]
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=keys[tenant], max_retries=2)
             for text in texts:
-                messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+                messages = [{"role": "user", "content": text}]
+                if system is not None:
+                    messages.insert(0, {"role": "system", "content": system})
                 answers = {}
                 for model in (served, adapter):
                     reply = client.chat.completions.create(

@@ -1,4 +1,4 @@
-"""The demo: reproducible data for two tenants, and the README's main command reaching the bar."""
+"""The demo: reproducible data for three tenants, and the README's main command reaching the bar."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ DEMO = ROOT / "examples" / "demo"
 
 def test_demo_files_are_generated_deterministically(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(DEMO / "make_demo.py"), "--out", str(tmp_path)], check=True)
-    for name in ("support.jsonl", "sentiment.jsonl", "support.yaml", "sentiment.yaml"):
-        assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name
-    for task in ("support", "sentiment"):
+    for task in ("support", "sentiment", "direct"):
+        for name in (f"{task}.jsonl", f"{task}.yaml"):
+            assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name
         config = load_config(DEMO / f"{task}.yaml")
         assert config.data.train == [DEMO / f"{task}.jsonl"]
         assert config.method.name == "lora"
+        assert config.objective.name == ("dpo" if task == "direct" else "sft")
 
 
 @pytest.mark.vllm
@@ -40,10 +41,24 @@ def test_demo_run_is_the_whole_product_and_reaches_the_bar(tmp_path: Path) -> No
         assert exact["tuned"]["value"] >= 0.6, (task, exact)
         assert (tmp_path / "runs" / task / "loss.png").exists()
     assert "acme/support: exact match base 0% -> tuned" in result.stdout
+    # The preference task: DPO raises the share of held-out pairs whose preferred side is likelier.
+    accuracy = json.loads((tmp_path / "runs" / "direct" / "report.json").read_text())["test"]["metrics"][
+        "preference_accuracy"
+    ]
+    assert accuracy["tuned"]["value"] >= 0.8 and accuracy["tuned"]["value"] > accuracy["base"]["value"], (
+        accuracy
+    )
+    assert "initech/direct: preference accuracy base" in result.stdout
     # Published, served through vLLM, called with the openai client, shown side by side, stopped.
-    for expected in ("published acme/support@1", "published globex/sentiment@1", "gateway ready"):
+    for expected in (
+        "published acme/support@1",
+        "published globex/sentiment@1",
+        "published initech/direct@1",
+        "gateway ready",
+    ):
         assert expected in result.stdout
     assert "(acme/support@1)" in result.stdout and "(globex/sentiment@1)" in result.stdout
+    assert "(initech/direct@1)" in result.stdout
     assert '{"category": ' in result.stdout
     assert "stopped the gateway and vLLM" in result.stdout
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1

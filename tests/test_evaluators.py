@@ -9,7 +9,7 @@ import pytest
 from adapterdeck.core.evaluators import EvalSample, Evaluator
 from adapterdeck.core.plugins import catalog
 
-BUILTIN_EVALUATORS = ("loss", "exact_match", "json_valid", "rouge_l")
+BUILTIN_EVALUATORS = ("loss", "exact_match", "first_word", "preference_accuracy", "json_valid", "rouge_l")
 
 
 def sample(reference: str = "ref", prediction: str | None = None, loss: float | None = None) -> EvalSample:
@@ -67,6 +67,16 @@ def test_exact_match(fresh_plugins: None) -> None:
     assert scores(evaluator, "", "", "  ", "x") == [1.0, 1.0, 0.0]
     assert evaluator.aggregate([1.0, 0.0, 1.0, 0.0]) == 0.5
     assert evaluator.details([1.0, 0.0]) == {}
+
+
+def test_first_word(fresh_plugins: None) -> None:
+    evaluator = catalog().evaluator("first_word")
+    assert evaluator.needs_generation and evaluator.higher_is_better and not evaluator.needs_loss
+    reference = "420. Each hour has 60 minutes, and 7 × 60 = 420."
+    assert scores(evaluator, reference, "420", "420 minutes.", " 420, because", '"420".') == [1.0] * 4
+    assert scores(evaluator, reference, "There are 420 minutes", "4200.", "", None) == [0.0] * 4
+    assert scores(evaluator, "Positive: it works", "positive!", "negative") == [1.0, 0.0]
+    assert scores(evaluator, "", "", "x") == [0.0, 0.0]  # an empty reference has no first word
 
 
 def test_json_valid(fresh_plugins: None) -> None:
