@@ -254,9 +254,9 @@ def adapterdeck_child(cfg_path: Path, out: Path) -> None:
             clock.begin()
             super().train_start(total_steps)
 
-        def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+        def train_step(self, step: int, loss: float | None, val_loss: float | None, **kw: Any) -> None:
             clock.step()
-            super().train_step(step, loss, val_loss)
+            super().train_step(step, loss, val_loss, **kw)
 
         def train_end(self) -> None:
             clock.end()

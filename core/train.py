@@ -38,6 +38,7 @@ from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
+from adapterdeck.core.loss import EVAL_ACCURACY, TRAIN_ACCURACY
 from adapterdeck.core.methods import MethodParams, TuningMethod
 from adapterdeck.core.objectives import (
     ObjectiveParams,
@@ -47,7 +48,14 @@ from adapterdeck.core.objectives import (
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
-from adapterdeck.core.report import library_versions, plot_losses
+from adapterdeck.core.report import (
+    accuracy_series,
+    library_versions,
+    objective_series,
+    plot_losses,
+    write_report,
+    write_step_metrics,
+)
 from adapterdeck.core.rundata import RunData, check_data_kinds, load_data
 from adapterdeck.core.trackers import RunTrackers
 
@@ -60,7 +68,7 @@ if TYPE_CHECKING:
         TrainerState,
     )
 
-STALE = ("adapter", "report.json", "loss.png", "checkpoints")
+STALE = ("adapter", "report.json", "loss.png", "step_metrics.csv", "checkpoints")
 
 
 @dataclass
@@ -150,6 +158,7 @@ def run_training(
         meta = save_adapter(config, data, tuning)
         report = build_report(config, data, tuning, schedule, outcome, meta, durations)
         write_report(config.output, report)
+        write_step_metrics(config.output, report)
         plot_losses(report, config.output / "loss.png")
 
         if data.split.test and outcome.stop_reason != "interrupted":
@@ -380,7 +389,12 @@ def build_report(
         "samples": [],
         "durations": durations,
         "versions": library_versions(),
-        "files": {"adapter": "adapter", "report": "report.json", "loss_curve": "loss.png"},
+        "files": {
+            "adapter": "adapter",
+            "report": "report.json",
+            "loss_curve": "loss.png",
+            "step_metrics": "step_metrics.csv",
+        },
     }
 
 
@@ -426,33 +440,15 @@ def _training_section(tuning: Tuning, schedule: Schedule, outcome: Outcome) -> d
         "val_loss": [
             {"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
         ],
-        "objective_metrics": _objective_metrics(tuning.objective, state),
+        # Logged with the losses: sft's trainer and TRL's (dpo's, on the preferred answers).
+        "train_mean_token_accuracy": accuracy_series(state, "loss", TRAIN_ACCURACY),
+        "val_mean_token_accuracy": accuracy_series(state, "eval_loss", EVAL_ACCURACY),
+        "objective_metrics": objective_series(tuning.objective, state),
         "tokens_seen": state.num_input_tokens_seen,
         "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else None,
         "trainable_parameters": tuning.trainable,
         "total_parameters": tuning.total,
     }
-
-
-def _objective_metrics(objective: TrainingObjective, state: TrainerState) -> dict[str, Any]:
-    """What the objective logs besides the loss (DPO's rewards), per step, on the training
-    batches and on the validation set."""
-
-    def series(key: str) -> list[dict[str, Any]]:
-        return [{"step": e["step"], "value": e[key]} for e in state.log_history if key in e]
-
-    return {
-        "train": {name: series(name) for name in objective.metrics},
-        "validation": {name: series(f"eval_{name}") for name in objective.metrics},
-    }
-
-
-def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    """Write ``report.json`` whole: a reader never sees half of it."""
-    path = run_dir / "report.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def evaluate(

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from adapterdeck.core import hookimpl
 from adapterdeck.core.formats import PREFERENCES, Conversation
-from adapterdeck.core.loss import answer_loss_trainer, answer_only_logits
+from adapterdeck.core.loss import answer_only_logits, sft_trainer
 from adapterdeck.core.objectives import ObjectiveParams, TrainerParts, TrainingObjective
 from adapterdeck.core.plugins import ObjectiveRegister
 
@@ -24,12 +24,7 @@ class Supervised(TrainingObjective):
     description = "supervised fine-tuning: the cross-entropy loss on the assistant's answer tokens"
 
     def build_trainer(self, parts: TrainerParts, params: ObjectiveParams) -> Trainer:
-        from transformers import (
-            DataCollatorForSeq2Seq,
-            DataCollatorWithFlattening,
-            Trainer,
-            TrainingArguments,
-        )
+        from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, TrainingArguments
 
         collator = (
             DataCollatorWithFlattening(return_position_ids=True)
@@ -38,7 +33,8 @@ class Supervised(TrainingObjective):
                 parts.tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=None
             )
         )
-        trainer_class = answer_loss_trainer() if answer_only_logits(parts.base, parts.model) else Trainer
+        # It logs the mean token accuracy with the losses, as TRL's trainers (and so ``dpo``) do.
+        trainer_class = sft_trainer(answer_only=answer_only_logits(parts.base, parts.model))
         return trainer_class(
             model=parts.model,
             args=TrainingArguments(**parts.arguments),

@@ -5,6 +5,8 @@ processes on SQLite and PostgreSQL; a job's MLflow integration, logged to a loca
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -35,7 +37,7 @@ from adapterdeck.registry.tenants import create_key
 from adapterdeck.serve import errors
 from adapterdeck.serve.auth import Keys
 from adapterdeck.serve.finetune import api as finetune_api
-from adapterdeck.serve.finetune.worker import Worker
+from adapterdeck.serve.finetune.worker import Worker, _checkpoint_metrics, _step_metrics
 from adapterdeck.serve.limits import Limiter
 from adapterdeck.serve.outage import DatabaseStatus
 from adapterdeck.serve.settings import FineTuneSettings, LimitSettings, ServeSettings
@@ -49,6 +51,22 @@ FT_TABLES = ("ft_files", "ft_jobs", "ft_job_events", "ft_checkpoints")
 # The demo's learning rate (3e-3) as a multiple of LoRA's default (2e-4).
 HYPER = {"n_epochs": 3, "batch_size": 16, "learning_rate_multiplier": 15}
 LORA = {"adapterdeck": {"method": "lora", "params": {"r": 8}, "evaluators": ["loss", "exact_match"]}}
+# OpenAI's checkpoint metrics besides the step, and its results file's columns (then the full
+# validation split's, which adapterdeck's validation is).
+CHECKPOINT_METRICS = (
+    "train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy",
+)  # fmt: skip
+RESULTS_COLUMNS = (
+    "step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "full_valid_loss", "full_valid_mean_token_accuracy",
+)  # fmt: skip
+PREFERENCE_METRICS = (
+    "train_reward_margin",
+    "train_reward_accuracy",
+    "valid_reward_margin",
+    "valid_reward_accuracy",
+)
 
 
 @dataclass
@@ -348,8 +366,33 @@ def test_upload_fine_tune_and_call_the_model_with_the_openai_client(stack: Stack
         c.fine_tuned_model_checkpoint.startswith(done.fine_tuned_model + ":ckpt-step-") for c in checkpoints
     )
     assert all(c.metrics.step == c.step_number and c.metrics.valid_loss is not None for c in checkpoints)
-    report = acme.files.content(done.result_files[0]).text
-    assert report.splitlines()[0] == "step,train_loss,valid_loss" and len(report.splitlines()) > 5
+    for checkpoint in checkpoints:  # OpenAI's checkpoint metrics, every one a real number
+        metrics = checkpoint.metrics
+        assert set(metrics.to_dict()) == {"step", *CHECKPOINT_METRICS}, metrics
+        assert all(isinstance(getattr(metrics, k), float) for k in CHECKPOINT_METRICS)
+        assert all(0 <= getattr(metrics, k) <= 1 for k in CHECKPOINT_METRICS if k.endswith("accuracy"))
+        # The whole validation split is what validation measures each time (docs/api.md).
+        assert metrics.full_valid_loss == metrics.valid_loss
+        assert metrics.full_valid_mean_token_accuracy == metrics.valid_mean_token_accuracy
+    results = {acme.files.retrieve(i).filename: i for i in done.result_files}
+    assert list(results) == ["step_metrics.csv", "report.json"]
+    text = acme.files.content(results["step_metrics.csv"]).text
+    assert text.splitlines()[0] == ",".join(RESULTS_COLUMNS) and len(text.splitlines()) > 5
+    rows = list(csv.DictReader(io.StringIO(text)))
+    train_rows = [r for r in rows if r["train_loss"]]
+    validated = [r for r in rows if r["valid_loss"]]
+    assert train_rows and validated
+    assert all(0 <= float(r["train_accuracy"]) <= 1 for r in train_rows)
+    assert all(0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in validated)
+    assert float(train_rows[-1]["train_accuracy"]) > float(train_rows[0]["train_accuracy"])  # it learnt
+    # Each checkpoint's metrics are its step's row (its training values: the last ones logged).
+    by_step = {int(r["step"]): r for r in rows}
+    for checkpoint in checkpoints:
+        row = by_step[checkpoint.step_number]
+        assert float(row["valid_loss"]) == checkpoint.metrics.valid_loss
+        assert float(row["valid_mean_token_accuracy"]) == checkpoint.metrics.valid_mean_token_accuracy
+        last = max(s for s, r in by_step.items() if r["train_loss"] and s <= checkpoint.step_number)
+        assert float(by_step[last]["train_accuracy"]) == checkpoint.metrics.train_mean_token_accuracy
 
     # The fine-tuned model answers through vLLM at once, with no restart.
     _wait(lambda: stack.health()["status"] == "ok", 600, "vLLM ready", stack.log)
@@ -436,7 +479,16 @@ def test_a_dpo_job_through_the_openai_client(stack: Stack) -> None:
     evaluation = next(e for e in events if e.message.startswith("Evaluated on"))
     accuracy = evaluation.data["preference_accuracy"]
     assert accuracy["tuned"]["value"] >= 0.9 > accuracy["base"]["value"], accuracy
-    assert acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    checkpoints = acme.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints
+    for checkpoint in checkpoints:  # besides OpenAI's, TRL's reward margin and accuracy
+        metrics = checkpoint.metrics.to_dict()
+        assert set(metrics) == {"step", *CHECKPOINT_METRICS, *PREFERENCE_METRICS}, metrics
+        assert all(0 <= metrics[k] <= 1 for k in metrics if k.endswith("accuracy"))
+    assert max(c.metrics.to_dict()["valid_reward_margin"] for c in checkpoints) > 0  # it prefers
+    results = {acme.files.retrieve(i).filename: i for i in done.result_files}
+    text = acme.files.content(results["step_metrics.csv"]).text
+    assert text.splitlines()[0] == ",".join([*RESULTS_COLUMNS, *PREFERENCE_METRICS])
     _wait(lambda: stack.health()["status"] == "ok", 600, "vLLM ready", stack.log)
     reply = acme.chat.completions.create(
         model=done.fine_tuned_model, messages=[{"role": "user", "content": "Is apple a word?"}], max_tokens=8
@@ -597,6 +649,58 @@ def test_a_job_that_cannot_train_fails_with_an_error_object(base_model: Path, tm
         assert registry.list("acme") == [] and ft.claim_next(worker.worker_id, 30) is None
     finally:
         registry.close()
+
+
+def test_checkpoint_metrics_and_the_results_file_from_a_report() -> None:
+    """What a worker publishes, from a run's report: OpenAI's names, the values of each step."""
+    training = {
+        "train_loss": [{"step": 2, "loss": 2.0}, {"step": 4, "loss": 1.5}, {"step": 6, "loss": 1.0}],
+        "train_mean_token_accuracy": [
+            {"step": s, "accuracy": a} for s, a in ((2, 0.25), (4, 0.5), (6, 0.75))
+        ],
+        "val_loss": [{"step": 3, "loss": 1.75}, {"step": 6, "loss": 1.25}],
+        "val_mean_token_accuracy": [{"step": 3, "accuracy": 0.4}, {"step": 6, "accuracy": 0.6}],
+        "objective_metrics": {"train": {}, "validation": {}},
+    }
+    # At step 3 the training values are step 2's (logged last at or before it); validation's, its own.
+    assert _checkpoint_metrics({"training": training}, 3) == {
+        "step": 3,
+        "train_loss": 2.0,
+        "train_mean_token_accuracy": 0.25,
+        "valid_loss": 1.75,
+        "valid_mean_token_accuracy": 0.4,
+        "full_valid_loss": 1.75,
+        "full_valid_mean_token_accuracy": 0.4,
+    }
+    assert _step_metrics({"training": training}).decode().splitlines() == [
+        ",".join(RESULTS_COLUMNS),
+        "2,2.0,0.25,,,,",
+        "3,,,1.75,0.4,1.75,0.4",
+        "4,1.5,0.5,,,,",
+        "6,1.0,0.75,1.25,0.6,1.25,0.6",
+    ]
+    # A report from before the accuracy was logged: its columns are there, empty.
+    old = {"train_loss": training["train_loss"], "val_loss": training["val_loss"]}
+    assert _step_metrics({"training": old}).decode().splitlines()[2] == "3,,,1.75,,1.75,"
+    assert _checkpoint_metrics({"training": old}, 6)["train_mean_token_accuracy"] is None
+
+    # A preference objective's (TRL's) reward margin and accuracy, on training and validation batches.
+    training["objective_metrics"] = {
+        "train": {
+            "rewards/margins": [{"step": 6, "value": 0.5}],
+            "rewards/accuracies": [{"step": 6, "value": 0.875}],
+            "rewards/chosen": [{"step": 6, "value": 0.1}],
+        },
+        "validation": {
+            "rewards/margins": [{"step": 6, "value": 0.25}],
+            "rewards/accuracies": [{"step": 6, "value": 0.75}],
+        },
+    }
+    metrics = _checkpoint_metrics({"training": training}, 6)
+    assert [metrics[k] for k in PREFERENCE_METRICS] == [0.5, 0.875, 0.25, 0.75]
+    lines = _step_metrics({"training": training}).decode().splitlines()
+    assert lines[0] == ",".join([*RESULTS_COLUMNS, *PREFERENCE_METRICS])
+    assert lines[-1] == "6,1.0,0.75,1.25,0.6,1.25,0.6,0.5,0.875,0.25,0.75"
 
 
 # -- claiming, on SQLite and PostgreSQL, by concurrent processes -------------------------------------

@@ -1,6 +1,6 @@
-"""Training progress names the step each loss was logged at: a fine-tuning job's events, its
-``step_metrics.csv`` and the run's report agree step for step, and so do the progress lines of
-``adapterdeck train``; the last step's losses are reported too.
+"""Training progress names the step each loss (and the token accuracy logged with it) was logged
+at: a fine-tuning job's events, its ``step_metrics.csv`` and the run's report agree step for step,
+and so do the progress lines of ``adapterdeck train``; the last step's losses are reported too.
 
 Real training on the tiny offline base: a worker in this process on a real SQLite registry (its
 training child is a real process), and the real CLI in a subprocess.
@@ -82,6 +82,19 @@ def test_job_events_step_metrics_and_report_agree_step_for_step(base_model: Path
         assert len(event_steps) == len(metrics)  # one event per logged step
         assert event_steps == csv_steps
         assert [e.data["step"] for e in metrics] == sorted(event_steps)  # in the order they were logged
+        # The mean token accuracies logged with the losses, under OpenAI's names, step for step too.
+        csv_accuracies = {
+            int(r["step"]): tuple(
+                float(r[k]) if r[k] else None for k in ("train_accuracy", "valid_mean_token_accuracy")
+            )
+            for r in rows
+        }
+        event_accuracies = {
+            e.data["step"]: (e.data["train_mean_token_accuracy"], e.data["valid_mean_token_accuracy"])
+            for e in metrics
+        }
+        assert event_accuracies == csv_accuracies
+        assert all((train is None) == (csv_steps[s][0] is None) for s, (train, _) in csv_accuracies.items())
         last = training["steps"]
         assert last in event_steps and event_steps[last][1] is not None  # the last step's evaluation
         total = training["planned_steps"]
@@ -146,6 +159,10 @@ def test_train_progress_lines_name_the_step_each_loss_was_measured_at(
     evaluated = sorted(s for s, (_, valid) in steps.items() if valid is not None)
     assert evaluated == [3, 6, 9, 10]
     assert sorted(printed) == evaluated, result.stdout
+    # Each validation's line shows its token accuracy too.
+    pattern = r"step (?P<step>\d+): .*, validation token accuracy (?P<accuracy>[\d.]+%)"
+    accuracies = {int(m["step"]): m["accuracy"] for m in re.finditer(pattern, result.stdout)}
+    assert accuracies == {p["step"]: f"{p['accuracy']:.1%}" for p in training["val_mean_token_accuracy"]}
     for step, (train, valid) in printed.items():
         assert valid == round(steps[step][1], 4)  # type: ignore[arg-type]
         expected = _latest(steps, step, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -18,6 +20,8 @@ import yaml
 from adapterdeck.core.adapters import load_adapter, read_adapter
 from adapterdeck.core.config import parse_config
 from adapterdeck.core.demo import demo_config, write_demo_dataset
+from adapterdeck.core.encode import IGNORE, encode
+from adapterdeck.core.formats import Conversation, Message
 from adapterdeck.core.train import TrainResult, run_training
 
 from .conftest import run_cli
@@ -79,6 +83,13 @@ def check_run(result: TrainResult, method: str, served_by: list[str]) -> dict[st
     assert report["config"]["method"]["name"] == method
     assert {"python", "torch", "transformers", "peft", "adapterdeck"} <= set(report["versions"])
     assert {"validate", "load", "train", "evaluate", "total"} <= set(report["durations"])
+    # The mean token accuracy is logged with each loss, at the same steps.
+    train_accuracy, val_accuracy = training["train_mean_token_accuracy"], training["val_mean_token_accuracy"]
+    for accuracy, loss in ((train_accuracy, train_loss), (val_accuracy, val_loss)):
+        assert [p["step"] for p in accuracy] == [p["step"] for p in loss]
+        assert all(0 <= p["accuracy"] <= 1 for p in accuracy)
+    rows = list(csv.DictReader(io.StringIO((run / "step_metrics.csv").read_text())))
+    assert {int(r["step"]) for r in rows} == {p["step"] for p in train_loss + val_loss}
     png = (run / "loss.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     adapter = run / "adapter"
@@ -92,7 +103,10 @@ def check_run(result: TrainResult, method: str, served_by: list[str]) -> dict[st
 def test_lora_end_to_end(base_model: Path, support_data: Path, tmp_path: Path) -> None:
     config = parse_config(config_for(base_model, support_data, tmp_path / "run"))
     result = run_training(config)
-    check_run(result, "lora", ["vllm", "peft"])
+    report = check_run(result, "lora", ["vllm", "peft"])
+    # It learns to predict the answers (prefix tuning moves the tiny base too little to show it).
+    accuracy = [p["accuracy"] for p in report["training"]["val_mean_token_accuracy"]]
+    assert max(accuracy) > accuracy[0] + 0.3, accuracy
     adapter_config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     # What vLLM serves: plain LoRA on the attention and MLP projections.
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 8
@@ -291,6 +305,51 @@ def test_explicit_splits_and_mixed_in_general_data(base_model: Path, tmp_path: P
         "test.jsonl",
     ]
     assert report["test"]["examples"] == 12
+
+
+def _validation_accuracy_by_hand(model: Any, tokenizer: Any, path: Path) -> tuple[int, int]:
+    """Each validation example alone, position by position: is the argmax of the logits at i its
+    label (answer token) at i + 1?"""
+    predicted = tokens = 0
+    model.eval()
+    for line in path.read_text().splitlines():
+        messages = tuple(Message(m["role"], m["content"]) for m in json.loads(line)["messages"])
+        row = encode(tokenizer, Conversation(messages=messages))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+        for i, label in enumerate(row["labels"][1:]):
+            if label != IGNORE:
+                tokens += 1
+                predicted += int(int(logits[i].argmax()) == label)
+    return predicted, tokens
+
+
+def test_token_accuracy_is_the_share_of_answer_tokens_predicted(base_model: Path, tmp_path: Path) -> None:
+    train = write_demo_dataset(tmp_path / "train.jsonl", task="support", n=80, seed=1)
+    val = write_demo_dataset(tmp_path / "val.jsonl", task="support", n=10, seed=2)
+    test = write_demo_dataset(tmp_path / "test.jsonl", task="support", n=4, seed=3)
+    overrides = {"train.max_steps": 8, "train.eval_steps": 4, "train.logging_steps": 2}
+    config = config_for(base_model, train, tmp_path / "run", **overrides)
+    config["data"].update(validation=str(val), test=str(test), format="chat")
+    config["eval"] = {"evaluators": ["loss"], "samples": 0, "base_shots": 0, "cache_base": False}
+    result = run_training(parse_config(config))
+    training = result.report["training"]
+    assert [p["step"] for p in training["train_mean_token_accuracy"]] == [2, 4, 6, 8]
+    assert [p["step"] for p in training["val_mean_token_accuracy"]] == [4, 8]
+    # Validation's is over the whole split, by the model at that step: the kept (best) one's is the
+    # share of the split's answer tokens that the returned model predicts.
+    predicted, tokens = _validation_accuracy_by_hand(result.model, result.tokenizer, val)
+    assert 0 < predicted < tokens
+    best = next(p for p in training["val_mean_token_accuracy"] if p["step"] == training["best_step"])
+    assert best["accuracy"] == pytest.approx(predicted / tokens)
+    # The run's step_metrics.csv: a fine-tuning job's results file, step for step with the report.
+    rows = list(csv.DictReader(io.StringIO((result.run_dir / "step_metrics.csv").read_text())))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    for row, point in zip(rows, training["train_mean_token_accuracy"], strict=True):
+        assert float(row["train_accuracy"]) == point["accuracy"]
+    assert [float(r["valid_mean_token_accuracy"]) for r in rows if r["valid_loss"]] == [
+        p["accuracy"] for p in training["val_mean_token_accuracy"]
+    ]
 
 
 def test_the_shipped_general_data_mixes_in_by_name(

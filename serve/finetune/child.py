@@ -47,9 +47,10 @@ class _Emitter:
 
 
 class _JobReporter:
-    """Training progress as job events: stages, a metrics event per step a loss was logged at, each
-    epoch's losses. Every value carries the step it was logged at (see ``core/progress.py``), as
-    ``step_metrics.csv`` does."""
+    """Training progress as job events: stages, a metrics event per step a loss was logged at (with
+    the mean token accuracies logged with them, under OpenAI's names), each epoch's losses. Every
+    value carries the step it was logged at (see ``core/progress.py``), as ``step_metrics.csv``
+    does."""
 
     def __init__(self, emit: _Emitter, epochs: float) -> None:
         self.emit = emit
@@ -76,9 +77,17 @@ class _JobReporter:
         self.epoch_ends = epoch_ends(total_steps, self.epochs)
         self.emit("message", message=f"Training: {total_steps} steps, {self.epochs:g} epoch(s)")
 
-    def train_step(self, step: int, loss: float | None, val_loss: float | None) -> None:
+    def train_step(
+        self,
+        step: int,
+        loss: float | None,
+        val_loss: float | None,
+        *,
+        accuracy: float | None = None,
+        val_accuracy: float | None = None,
+    ) -> None:
         self.step = step
-        for logged in self.losses.reached(step, loss, val_loss):
+        for logged in self.losses.reached(step, loss, val_loss, accuracy, val_accuracy):
             self._metrics(logged)
         self._epochs()
 
@@ -107,7 +116,9 @@ class _JobReporter:
                 "step": logged.step,
                 "total_steps": self.total,
                 "train_loss": logged.train_loss,
+                "train_mean_token_accuracy": logged.train_accuracy,
                 "valid_loss": logged.valid_loss,
+                "valid_mean_token_accuracy": logged.valid_accuracy,
             },
             estimated_finish=finish,
         )

@@ -16,8 +16,6 @@ the final version (``resolve_fine_tuned``).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -35,6 +33,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from adapterdeck.core.report import checkpoint_metrics, step_metrics_csv
 from adapterdeck.registry import NotFound, PublishRefused, Registry
 from adapterdeck.registry.finetune import PURPOSE_RESULTS, FineTuning, JobRecord, NewCheckpoint
 from adapterdeck.registry.private import PRIVATE_UMASK, create_private, private_dir
@@ -396,26 +395,10 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _checkpoint_metrics(report: dict[str, Any], step: int) -> dict[str, Any]:
-    training = report["training"]
-    train = [p["loss"] for p in training["train_loss"] if p["step"] <= step]
-    valid = [p["loss"] for p in training["val_loss"] if p["step"] == step]
-    return {
-        "step": step,
-        "train_loss": train[-1] if train else None,
-        "valid_loss": valid[-1] if valid else None,
-    }
+    """A checkpoint's ``metrics`` as OpenAI names them (see ``core/report.py``)."""
+    return checkpoint_metrics(report["training"], step)
 
 
 def _step_metrics(report: dict[str, Any]) -> bytes:
-    """The results file OpenAI clients expect: one row per logged step."""
-    training = report["training"]
-    valid = {p["step"]: p["loss"] for p in training["val_loss"]}
-    rows = {p["step"]: [p["loss"], valid.get(p["step"])] for p in training["train_loss"]}
-    for step, loss in valid.items():
-        rows.setdefault(step, [None, loss])
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "valid_loss"])
-    for step in sorted(rows):
-        writer.writerow([step, *("" if v is None else v for v in rows[step])])
-    return out.getvalue().encode()
+    """The results file OpenAI clients expect: one row per logged step, OpenAI's columns first."""
+    return step_metrics_csv(report["training"]).encode()
