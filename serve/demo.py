@@ -91,6 +91,8 @@ def demo_run(
     reports: dict[str, dict] = {}
     for task, spec in TASKS.items():
         n = demo_examples(task, real)
+        if n is None:
+            continue
         data = write_demo_dataset(workdir / f"{task}.jsonl", task=task, n=n, seed=seed)
         config = parse_config(
             demo_config(base_dir, data, workdir / "runs" / task, seed, task, real=real), f"demo {task}"
@@ -221,7 +223,7 @@ def _publish_serve_and_call(
             ]),
         }  # fmt: skip
         table = Table("tenant model", "prompt", "base answers", "adapter answers", show_lines=True)
-        for adapter, (system, texts) in prompts.items():
+        for adapter, (system, texts) in [(a, p) for a, p in prompts.items() if a in runs]:
             tenant = adapter.split("/")[0]
             client = openai.OpenAI(base_url=f"{url}/v1", api_key=keys[tenant], max_retries=2)
             for text in texts:
