@@ -75,33 +75,40 @@ class Dpo(TrainingObjective):
     evaluators = ("preference_accuracy",)
 
     def build_trainer(self, parts: TrainerParts, params: ObjectiveParams) -> Trainer:
-        import datasets
         from trl import DPOConfig, DPOTrainer
 
-        datasets.disable_progress_bars()  # TRL tokenizes the pairs; the run's own progress is shown
-
         assert isinstance(params, DpoParams)
-        arguments = {
-            **parts.arguments,
-            # Tokens seen are counted on ``input_ids``, which a DPO batch does not have.
-            "include_num_input_tokens_seen": "no",
-        }
-        args = DPOConfig(
-            **arguments,
-            beta=params.beta,
-            label_smoothing=params.label_smoothing,
-            max_length=parts.data.max_length,
-            gradient_checkpointing=False,
-            dataset_num_proc=None,
+        return preference_trainer(
+            parts, DPOTrainer, DPOConfig, beta=params.beta, label_smoothing=params.label_smoothing
         )
-        return DPOTrainer(
-            model=parts.model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.train]),
-            eval_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.split.validation]),
-            processing_class=parts.tokenizer,
-            callbacks=parts.callbacks,
-        )
+
+
+def preference_trainer(
+    parts: TrainerParts, trainer_class: type[Trainer], config_class: type[Any], **options: Any
+) -> Trainer:
+    """A TRL preference trainer (``DPOTrainer``, ``ORPOTrainer``, ...) for the run: its config
+    (``config_class``) from the run's arguments and ``options``, the split's pairs as TRL's
+    conversational preference rows (``pair``)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # TRL tokenizes the pairs; the run's own progress is shown
+    # Tokens seen are counted on ``input_ids``, which a preference batch does not have.
+    arguments = {**parts.arguments, "include_num_input_tokens_seen": "no"}
+    args = config_class(
+        **arguments,
+        max_length=parts.data.max_length,
+        gradient_checkpointing=False,
+        dataset_num_proc=None,
+        **options,
+    )
+    return trainer_class(
+        model=parts.model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.train]),
+        eval_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.split.validation]),
+        processing_class=parts.tokenizer,
+        callbacks=parts.callbacks,
+    )
 
 
 def pair(conversation: Conversation) -> dict[str, Any]:

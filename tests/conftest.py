@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +109,14 @@ def vllm_server(base_model: Path, vllm_home: Path, tmp_path_factory: pytest.Temp
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def pip_install(project: Path, target: Path) -> Path:
+    """Install ``project`` with pip (without dependencies) into the directory ``target``, built from
+    a copy so that pip's build files do not land in the source tree; returns ``target``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / project.name
+        shutil.copytree(project, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
+        subprocess.run([*command, str(source)], check=True, capture_output=True)
+    return target

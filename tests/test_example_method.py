@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import yaml
 
 from adapterdeck.core.demo import write_demo_dataset
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, pip_install, run_cli
 
 EXAMPLE = ROOT / "examples" / "adapterdeck-ia3"
 
@@ -21,26 +18,7 @@ EXAMPLE = ROOT / "examples" / "adapterdeck-ia3"
 @pytest.fixture(scope="module")
 def ia3_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package, installed with pip (without dependencies) into a directory of its own."""
-    source = tmp_path_factory.mktemp("ia3-src") / "adapterdeck-ia3"
-    # Build from a copy, so that pip's build files do not land in the source tree.
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("site-ia3")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("site-ia3"))
 
 
 def test_ia3_is_listed_from_its_distribution(ia3_site: Path) -> None:

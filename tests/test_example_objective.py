@@ -4,16 +4,13 @@ adapter on preference pairs with ORPO and refuses data of the wrong kind."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import ROOT, run_cli
-from .test_objectives import dpo_config, write_pairs
+from .conftest import ROOT, pip_install, run_cli
+from .test_objectives import dpo_config, write_chat, write_pairs
 
 EXAMPLE = ROOT / "examples" / "adapterdeck-orpo"
 
@@ -21,26 +18,7 @@ EXAMPLE = ROOT / "examples" / "adapterdeck-orpo"
 @pytest.fixture(scope="module")
 def orpo_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package, installed with pip (without dependencies) into a directory of its own."""
-    source = tmp_path_factory.mktemp("orpo-src") / "adapterdeck-orpo"
-    # Build from a copy, so that pip's build files do not land in the source tree.
-    shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = tmp_path_factory.mktemp("site-orpo")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(source),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return target
+    return pip_install(EXAMPLE, tmp_path_factory.mktemp("site-orpo"))
 
 
 def orpo_config(base: Path, data: Path, out: Path) -> dict:
@@ -118,16 +96,7 @@ def test_orpo_raises_the_held_out_preference_accuracy(
 def test_orpo_refuses_chat_data_before_a_model_loads(
     orpo_site: Path, base_model: Path, tmp_path: Path
 ) -> None:
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(
-        "".join(
-            json.dumps(
-                {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
-            )
-            + "\n"
-            for i in range(30)
-        )
-    )
+    chat = write_chat(tmp_path / "chat.jsonl")
     out = tmp_path / "run"
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(orpo_config(base_model, chat, out)), encoding="utf-8")

@@ -130,17 +130,22 @@ def test_objective_errors_name_the_key_before_any_model_loads(tmp_path: Path, ba
     assert parse_config({k: v for k, v in base.items() if k != "objective"}).objective.name == "sft"
 
 
-def test_chat_data_for_dpo_is_refused_and_nothing_is_trained(tmp_path: Path, base_model: Path) -> None:
-    chat = tmp_path / "chat.jsonl"
-    chat.write_text(
+def write_chat(path: Path, n: int = 30) -> Path:
+    """``n`` chat lines: data of the conversations kind, which a preference objective refuses."""
+    path.write_text(
         "".join(
             json.dumps(
                 {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
             )
             + "\n"
-            for i in range(30)
+            for i in range(n)
         )
     )
+    return path
+
+
+def test_chat_data_for_dpo_is_refused_and_nothing_is_trained(tmp_path: Path, base_model: Path) -> None:
+    chat = write_chat(tmp_path / "chat.jsonl")
     out = tmp_path / "run"
     with pytest.raises(
         AdapterdeckError, match=r"chat\.jsonl: chat data holds conversations; objective 'dpo'"

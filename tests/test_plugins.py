@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +24,7 @@ from adapterdeck.core.plugins import (
     unregister_plugin,
 )
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, pip_install, run_cli
 
 
 class CsvishFormat(DataFormat):
@@ -171,29 +169,11 @@ def test_duplicates_wrong_types_misspelled_and_raising_hooks_are_reported(fresh_
     assert "csvish" in cat.formats
 
 
-def pip_target(target: Path, project: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(project),
-        ],
-        check=True,
-        capture_output=True,
-    )
-
-
 @pytest.fixture(scope="module")
 def example_installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example plugin package, installed with pip into a directory of its own."""
     target = tmp_path_factory.mktemp("site-example")
-    pip_target(target, ROOT / "examples" / "adapterdeck-sharegpt")
+    pip_install(ROOT / "examples" / "adapterdeck-sharegpt", target)
     return target
 
 
@@ -223,7 +203,7 @@ def broken_installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "def register_formats(register):\n    pass  # no @hookimpl\n"
     )
     target = tmp_path_factory.mktemp("site-broken")
-    pip_target(target, project)
+    pip_install(project, target)
     return target
 
 

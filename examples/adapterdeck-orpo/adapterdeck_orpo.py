@@ -16,7 +16,7 @@ from adapterdeck.core import hookimpl
 from adapterdeck.core.formats import PREFERENCES
 from adapterdeck.core.objectives import ObjectiveParams, TrainerParts, TrainingObjective
 from adapterdeck.core.plugins import ObjectiveRegister
-from adapterdeck.plugins.objectives import pair
+from adapterdeck.plugins.objectives import preference_trainer
 from pydantic import Field
 
 if TYPE_CHECKING:
@@ -60,7 +60,6 @@ class Orpo(TrainingObjective):
     evaluators = ("preference_accuracy",)
 
     def build_trainer(self, parts: TrainerParts, params: ObjectiveParams) -> Trainer:
-        import datasets
         from trl.import_utils import TRLExperimentalWarning
 
         with warnings.catch_warnings():
@@ -68,29 +67,8 @@ class Orpo(TrainingObjective):
             warnings.simplefilter("ignore", TRLExperimentalWarning)
             from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        datasets.disable_progress_bars()  # TRL tokenizes the pairs; the run's own progress is shown
-
         assert isinstance(params, OrpoParams)  # adapterdeck validated the objective's keys with OrpoParams
-        arguments = {
-            **parts.arguments,
-            # Tokens seen are counted on ``input_ids``, which an ORPO batch does not have.
-            "include_num_input_tokens_seen": "no",
-        }
-        args = ORPOConfig(
-            **arguments,
-            beta=params.beta,
-            max_length=parts.data.max_length,
-            gradient_checkpointing=False,
-            dataset_num_proc=None,
-        )
-        return ORPOTrainer(
-            model=parts.model,
-            args=args,
-            train_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.train]),
-            eval_dataset=datasets.Dataset.from_list([pair(c) for c in parts.data.split.validation]),
-            processing_class=parts.tokenizer,
-            callbacks=parts.callbacks,
-        )
+        return preference_trainer(parts, ORPOTrainer, ORPOConfig, beta=params.beta)
 
 
 @hookimpl
