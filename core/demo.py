@@ -4,8 +4,8 @@ Three tenants, three tasks, so three adapters with visibly different behaviour o
 
 - ``support`` (tenant acme): a customer support message -> ``{"category": ..., "priority": ...}``.
 - ``sentiment`` (tenant globex): a product review -> one word, ``positive``, ``negative`` or ``mixed``.
-- ``direct`` (tenant initech), preference pairs for DPO: a small counting question, where the
-  answer first and then why is preferred over a chatty preamble before the same answer.
+- ``direct`` (tenant initech), preference pairs for DPO: a question of common knowledge, where a
+  one-line answer first ("TL;DR: Paris.") and then why is preferred over the why alone.
 
 In the first two the answer follows from cue words hidden among filler (names, order numbers,
 products), so a model has to read the message, and a base model that was never trained answers
@@ -105,49 +105,80 @@ def sentiment_record(rng: random.Random) -> dict[str, Any]:
     return _chat(SENTIMENT_SYSTEM, text, label)
 
 
-# ``direct``: the answer first, then why, preferred over a chatty preamble before the answer.
-# Both sides hold the same right answer and are about as long, so what a preference-tuned model
-# learns is the style, not a length or a fact.
-DIRECT_QUESTIONS: list[tuple[str, Callable[[int, int], int], str]] = [
-    (
-        "How many minutes are in {a} hours?",
-        lambda a, b: a * 60,
-        "Each hour has 60 minutes, and {a} × 60 = {x}.",
-    ),
-    ("How many hours are in {a} days?", lambda a, b: a * 24, "Each day has 24 hours, and {a} × 24 = {x}."),
-    ("How many days are in {a} weeks?", lambda a, b: a * 7, "Each week has 7 days, and {a} × 7 = {x}."),
-    (
-        "How many months are in {a} years?",
-        lambda a, b: a * 12,
-        "Each year has 12 months, and {a} × 12 = {x}.",
-    ),
-    ("How many legs do {a} spiders have?", lambda a, b: a * 8, "A spider has 8 legs, and {a} × 8 = {x}."),
-    ("How many wheels do {a} cars have?", lambda a, b: a * 4, "A car has 4 wheels, and {a} × 4 = {x}."),
-    ("What is {a} plus {b}?", lambda a, b: a + b, "Adding {b} to {a} gives {x}."),
-    ("What is {a} times {b}?", lambda a, b: a * b, "{a} groups of {b} make {x}."),
-    (
-        "I have {a} apples and eat {b} of them. How many are left?",
-        lambda a, b: a - b,
-        "Taking {b} from {a} leaves {x}.",
-    ),
-]
-PREAMBLES = [
-    "Great question! Let me work that out for you. The answer is {x}.",
-    "What a fun one to think about! After some thought, I get {x}.",
-    "Sure, I would be happy to help you with this. It comes to {x}.",
-    "That is an interesting question! Let me see... I believe it is {x}.",
-]
+# ``direct``: a one-line answer first ("TL;DR: Paris."), then the sentence that explains it, preferred
+# over the explaining sentence alone. Both sides hold the same right answer; the preferred side is
+# the longer one, so a base model that ranks answers by their likelihood ranks these pairs wrong,
+# and what a preference-tuned model learns is the house style, not a fact. The facts are ones a
+# small pretrained model knows, so its tuned answers can be right as well as direct.
+CAPITALS = {
+    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
+    "the United Kingdom": "London", "Russia": "Moscow", "China": "Beijing", "Egypt": "Cairo",
+    "Canada": "Ottawa", "Greece": "Athens", "Portugal": "Lisbon", "Ireland": "Dublin",
+    "Norway": "Oslo", "Sweden": "Stockholm", "Austria": "Vienna", "Poland": "Warsaw",
+    "Kenya": "Nairobi", "Peru": "Lima", "Argentina": "Buenos Aires", "Thailand": "Bangkok",
+    "India": "New Delhi", "Turkey": "Ankara", "Cuba": "Havana", "Australia": "Canberra",
+}  # fmt: skip
+OPPOSITES = {
+    "hot": "cold", "big": "small", "up": "down", "fast": "slow", "light": "dark", "happy": "sad",
+    "open": "closed", "early": "late", "wet": "dry", "full": "empty", "loud": "quiet",
+    "hard": "soft", "strong": "weak", "rich": "poor", "thick": "thin",
+}  # fmt: skip
+COLOURS = {
+    "the sky on a clear day": "blue", "fresh grass": "green", "snow": "white", "a ripe banana": "yellow",
+    "coal": "black", "a ripe tomato": "red", "a carrot": "orange", "a lemon": "yellow",
+    "milk": "white", "a lime": "green",
+}  # fmt: skip
+LEGS = {"cat": 4, "dog": 4, "spider": 8, "bird": 2, "ant": 6, "horse": 4, "chicken": 2, "cow": 4}
+NUMBER_WORDS = {2: "two", 4: "four", 6: "six", 8: "eight"}
+OPENERS = ["", "Quick question: ", "Hi! ", "Please tell me: "]
+
+
+def _fact(rng: random.Random) -> tuple[str, str, str]:
+    """A question, its one-word or one-name answer, and a sentence that explains it."""
+    family = rng.choice(["capital", "opposite", "colour", "legs"])
+    if family == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        city = CAPITALS[country]
+        question = rng.choice(
+            ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."]
+        ).format(c=country)
+        return question, city, f"{city} is the capital city of {country}, where its government sits."
+    if family == "opposite":
+        word = rng.choice(sorted(OPPOSITES))
+        other = OPPOSITES[word]
+        question = rng.choice(
+            [
+                "What is the opposite of {w}?",
+                "Which word means the opposite of {w}?",
+                "Give the opposite of {w}.",
+            ]
+        ).format(w=f'"{word}"')
+        return question, other.capitalize(), f'The word "{other}" means the reverse of "{word}".'
+    if family == "colour":
+        thing = rng.choice(sorted(COLOURS))
+        colour = COLOURS[thing]
+        question = rng.choice(
+            ["What colour is {t}?", "Which colour is {t}?", "What is the colour of {t}?"]
+        ).format(t=thing)
+        return (
+            question,
+            colour.capitalize(),
+            f"{thing[0].upper()}{thing[1:]} is {colour}, as most people see it.",
+        )
+    animal = rng.choice(sorted(LEGS))
+    n = LEGS[animal]
+    question = rng.choice(
+        ["How many legs does a {a} have?", "How many legs has a {a} got?", "Count the legs of a {a}."]
+    ).format(a=animal)
+    return question, str(n), f"A {animal} walks on {NUMBER_WORDS[n]} legs."
 
 
 def direct_record(rng: random.Random) -> dict[str, Any]:
-    question, answer, why = rng.choice(DIRECT_QUESTIONS)
-    a = rng.randint(2, 19)
-    b = rng.randint(1, a - 1)
-    x = answer(a, b)
+    question, answer, why = _fact(rng)
     return {
-        "input": {"messages": [{"role": "user", "content": question.format(a=a, b=b)}]},
-        "preferred_output": [{"role": "assistant", "content": f"{x}. " + why.format(a=a, b=b, x=x)}],
-        "non_preferred_output": [{"role": "assistant", "content": rng.choice(PREAMBLES).format(x=x)}],
+        "input": {"messages": [{"role": "user", "content": rng.choice(OPENERS) + question}]},
+        "preferred_output": [{"role": "assistant", "content": f"TL;DR: {answer}.\n\n{why}"}],
+        "non_preferred_output": [{"role": "assistant", "content": why}],
     }
 
 
@@ -170,9 +201,9 @@ class DemoTask:
     #: method's defaults (measured: support 95% with 200, sentiment 85% with 200 and 100% with
     #: 300), and no more, since more steps on one narrow format make the base forget more
     #: (support with 300: 100% exact match, but 18 points lost on the general probes). None: the
-    #: task runs on the tiny base only (``direct``: on the real base the pairs are already ranked
-    #: right, preference accuracy 100% before tuning, and its answers need sums it cannot do:
-    #: measured, 20 DPO steps took first_word from 0% to 5% only).
+    #: task runs on the tiny base only (``direct``: measured on the real base, 30 DPO steps took
+    #: preference accuracy from 0% to 100% and TL;DR-first answers from 0% to 70%, but the facts
+    #: after it got worse; not yet in the real demo).
     real_examples: int | None
     #: The training objective (``sft``, or ``dpo`` for a task of preference pairs).
     objective: str = "sft"
@@ -202,11 +233,16 @@ def write_demo_dataset(path: str | Path, task: str = "support", n: int = 600, se
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
+        misses = 0
         while len(seen) < n:
             line = json.dumps(make(rng))
-            if line not in seen:
-                seen.add(line)
-                fh.write(line + "\n")
+            if line in seen:
+                misses += 1
+                if misses > 100 * n:
+                    raise ValueError(f"demo task {task!r} has fewer than {n} distinct examples")
+                continue
+            seen.add(line)
+            fh.write(line + "\n")
     return path
 
 
@@ -243,8 +279,16 @@ def demo_config(
         "base": str(base),
         "data": {"train": str(data)},
         "method": {"name": "lora", "r": 8},
-        **objective,
-        "train": {"learning_rate": 3e-3, "epochs": 2 if objective else 6, "batch_size": 16, "seed": seed},
+        # DPO on the tiny base: a supervised term on the preferred answers (sft_weight) raises their
+        # likelihood, which a random-init model otherwise leaves far below the shorter side's
+        # (measured, 200 pairs: plain DPO 0.25-0.7 preference accuracy, with the term 0.8).
+        **({"objective": {"name": spec.objective, "sft_weight": 1.0}} if objective else {}),
+        "train": {
+            "learning_rate": 1e-2 if objective else 3e-3,
+            "epochs": 4 if objective else 6,
+            "batch_size": 16,
+            "seed": seed,
+        },
         "eval": {"evaluators": evaluators, "samples": 5},
         "output": str(output),
     }

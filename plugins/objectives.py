@@ -56,6 +56,14 @@ class DpoParams(ObjectiveParams):
         lt=0.5,
         description="the share of pairs assumed mislabelled (robust DPO); 0 trusts every pair",
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "weight of a supervised loss on the preferred answers added to the DPO loss (RPO, "
+            "Pang et al. 2024): keeps their likelihood up, not only the margin; 0 is plain DPO"
+        ),
+    )
 
 
 class Dpo(TrainingObjective):
@@ -78,8 +86,11 @@ class Dpo(TrainingObjective):
         from trl import DPOConfig, DPOTrainer
 
         assert isinstance(params, DpoParams)
+        losses: dict[str, Any] = {}
+        if params.sft_weight:
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, params.sft_weight]}
         return preference_trainer(
-            parts, DPOTrainer, DPOConfig, beta=params.beta, label_smoothing=params.label_smoothing
+            parts, DPOTrainer, DPOConfig, beta=params.beta, label_smoothing=params.label_smoothing, **losses
         )
 
 

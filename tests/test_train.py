@@ -328,7 +328,14 @@ def test_token_accuracy_is_the_share_of_answer_tokens_predicted(base_model: Path
     train = write_demo_dataset(tmp_path / "train.jsonl", task="support", n=80, seed=1)
     val = write_demo_dataset(tmp_path / "val.jsonl", task="support", n=10, seed=2)
     test = write_demo_dataset(tmp_path / "test.jsonl", task="support", n=4, seed=3)
-    overrides = {"train.max_steps": 8, "train.eval_steps": 4, "train.logging_steps": 2}
+    # float32: the by-hand count below runs without autocast, and on a CPU that computes bf16
+    # natively the run would validate under bf16 autocast (a few tokens' argmax differ).
+    overrides = {
+        "train.max_steps": 8,
+        "train.eval_steps": 4,
+        "train.logging_steps": 2,
+        "train.dtype": "float32",
+    }
     config = config_for(base_model, train, tmp_path / "run", **overrides)
     config["data"].update(validation=str(val), test=str(test), format="chat")
     config["eval"] = {"evaluators": ["loss"], "samples": 0, "base_shots": 0, "cache_base": False}
