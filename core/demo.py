@@ -133,44 +133,51 @@ NUMBER_WORDS = {2: "two", 4: "four", 6: "six", 8: "eight"}
 OPENERS = ["", "Quick question: ", "Hi! ", "Please tell me: "]
 
 
+# Each family of facts: its table, the questions asked of an entry (``{k}``: the key as asked),
+# how the key is put in a question, the one-word answer and the sentence that explains it.
+Entry = Callable[[str, Any], str]
+FACT_FAMILIES: list[tuple[dict[str, Any], list[str], Callable[[str], str], Entry, Entry]] = [
+    (
+        CAPITALS,
+        ["What is the capital of {k}?", "Which city is the capital of {k}?", "Name the capital of {k}."],
+        str,
+        lambda country, city: city,
+        lambda country, city: f"{city} is the capital city of {country}, where its government sits.",
+    ),
+    (
+        OPPOSITES,
+        [
+            "What is the opposite of {k}?",
+            "Which word means the opposite of {k}?",
+            "Give the opposite of {k}.",
+        ],
+        lambda word: f'"{word}"',
+        lambda word, other: other.capitalize(),
+        lambda word, other: f'The word "{other}" means the reverse of "{word}".',
+    ),
+    (
+        COLOURS,
+        ["What colour is {k}?", "Which colour is {k}?", "What is the colour of {k}?"],
+        str,
+        lambda thing, colour: colour.capitalize(),
+        lambda thing, colour: f"{thing[0].upper()}{thing[1:]} is {colour}, as most people see it.",
+    ),
+    (
+        LEGS,
+        ["How many legs does a {k} have?", "How many legs has a {k} got?", "Count the legs of a {k}."],
+        str,
+        lambda animal, n: str(n),
+        lambda animal, n: f"A {animal} walks on {NUMBER_WORDS[n]} legs.",
+    ),
+]  # fmt: skip
+
+
 def _fact(rng: random.Random) -> tuple[str, str, str]:
     """A question, its one-word or one-name answer, and a sentence that explains it."""
-    family = rng.choice(["capital", "opposite", "colour", "legs"])
-    if family == "capital":
-        country = rng.choice(sorted(CAPITALS))
-        city = CAPITALS[country]
-        question = rng.choice(
-            ["What is the capital of {c}?", "Which city is the capital of {c}?", "Name the capital of {c}."]
-        ).format(c=country)
-        return question, city, f"{city} is the capital city of {country}, where its government sits."
-    if family == "opposite":
-        word = rng.choice(sorted(OPPOSITES))
-        other = OPPOSITES[word]
-        question = rng.choice(
-            [
-                "What is the opposite of {w}?",
-                "Which word means the opposite of {w}?",
-                "Give the opposite of {w}.",
-            ]
-        ).format(w=f'"{word}"')
-        return question, other.capitalize(), f'The word "{other}" means the reverse of "{word}".'
-    if family == "colour":
-        thing = rng.choice(sorted(COLOURS))
-        colour = COLOURS[thing]
-        question = rng.choice(
-            ["What colour is {t}?", "Which colour is {t}?", "What is the colour of {t}?"]
-        ).format(t=thing)
-        return (
-            question,
-            colour.capitalize(),
-            f"{thing[0].upper()}{thing[1:]} is {colour}, as most people see it.",
-        )
-    animal = rng.choice(sorted(LEGS))
-    n = LEGS[animal]
-    question = rng.choice(
-        ["How many legs does a {a} have?", "How many legs has a {a} got?", "Count the legs of a {a}."]
-    ).format(a=animal)
-    return question, str(n), f"A {animal} walks on {NUMBER_WORDS[n]} legs."
+    table, questions, asked, answer, why = rng.choice(FACT_FAMILIES)
+    key = rng.choice(sorted(table))
+    value = table[key]
+    return rng.choice(questions).format(k=asked(key)), answer(key, value), why(key, value)
 
 
 def direct_record(rng: random.Random) -> dict[str, Any]:
