@@ -224,7 +224,7 @@ TASKS: dict[str, DemoTask] = {
     "support": DemoTask("acme", support_record, ("loss", "exact_match", "json_valid"), real_examples=200),
     "sentiment": DemoTask("globex", sentiment_record, ("loss", "exact_match"), real_examples=300),
     "direct": DemoTask(
-        "initech", direct_record, ("loss", "first_word"), real_examples=None, objective="dpo",
+        "initech", direct_record, ("loss", "first_word", "first_line"), real_examples=None, objective="dpo",
         headline="preference_accuracy", tiny_examples=200,
     ),
 }  # fmt: skip

@@ -1,5 +1,5 @@
-"""The built-in evaluators: ``loss``, ``exact_match``, ``first_word``, ``preference_accuracy``,
-``json_valid`` and ``rouge_l``."""
+"""The built-in evaluators: ``loss``, ``exact_match``, ``first_word``, ``first_line``,
+``preference_accuracy``, ``json_valid`` and ``rouge_l``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,32 @@ class FirstWord(Evaluator):
         return 1.0 if expected and first_word(sample.prediction) == expected else 0.0
 
 
+def first_line(text: str) -> str:
+    """The first non-empty line of ``text``, without the punctuation that ends it, in lower case
+    and with its runs of whitespace as one space."""
+    for line in text.splitlines():
+        if line.strip():
+            return " ".join(line.split()).rstrip(".!?").lower()
+    return ""
+
+
+class FirstLine(Evaluator):
+    name = "first_line"
+    description = (
+        "1.0 when the answer's first line is the reference's (case, spacing and the closing "
+        "punctuation ignored): a one-line answer first, and the right one"
+    )
+    higher_is_better = True
+    needs_generation = True
+    needs_loss = False
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.prediction is None:
+            return 0.0
+        expected = first_line(sample.reference)
+        return 1.0 if expected and first_line(sample.prediction) == expected else 0.0
+
+
 class PreferenceAccuracy(Evaluator):
     name = "preference_accuracy"
     description = (
@@ -153,6 +179,7 @@ def register_evaluators(register: EvaluatorRegister) -> None:
     register.add_evaluator(Loss())
     register.add_evaluator(ExactMatch())
     register.add_evaluator(FirstWord())
+    register.add_evaluator(FirstLine())
     register.add_evaluator(JsonValid())
     register.add_evaluator(PreferenceAccuracy())
     register.add_evaluator(RougeL())

@@ -128,7 +128,7 @@ def _results_table(reports: dict[str, dict]) -> Table:
     table = Table("task", "metric", "base, system prompt", f"base, {shots}-shot", "tuned", show_lines=False)
     for name, report in reports.items():
         metrics = report["test"]["metrics"]
-        for metric in ("exact_match", "json_valid", "first_word", "preference_accuracy"):
+        for metric in ("exact_match", "json_valid", "first_word", "first_line", "preference_accuracy"):
             if metric in metrics:
                 m = metrics[metric]
                 table.add_row(name, metric, pct(m, BASE), pct(m, FEW_SHOT), pct(m, TUNED))

@@ -9,7 +9,9 @@ import pytest
 from adapterdeck.core.evaluators import EvalSample, Evaluator
 from adapterdeck.core.plugins import catalog
 
-BUILTIN_EVALUATORS = ("loss", "exact_match", "first_word", "preference_accuracy", "json_valid", "rouge_l")
+BUILTIN_EVALUATORS = (
+    "loss", "exact_match", "first_word", "first_line", "preference_accuracy", "json_valid", "rouge_l",
+)  # fmt: skip
 
 
 def sample(reference: str = "ref", prediction: str | None = None, loss: float | None = None) -> EvalSample:
@@ -77,6 +79,17 @@ def test_first_word(fresh_plugins: None) -> None:
     assert scores(evaluator, reference, "There are 420 minutes", "4200.", "", None) == [0.0] * 4
     assert scores(evaluator, "Positive: it works", "positive!", "negative") == [1.0, 0.0]
     assert scores(evaluator, "", "", "x") == [0.0, 0.0]  # an empty reference has no first word
+
+
+def test_first_line(fresh_plugins: None) -> None:
+    evaluator = catalog().evaluator("first_line")
+    assert evaluator.needs_generation and evaluator.higher_is_better and not evaluator.needs_loss
+    reference = "TL;DR: Paris.\n\nParis has been the capital of France since 987."
+    right = ("TL;DR: Paris.", "tl;dr:  paris\nThe rest differs.", "\n  TL;DR: Paris!\n\nWhy.")
+    assert scores(evaluator, reference, *right) == [1.0] * 3
+    wrong = ("TL;DR: Lyon.\n\nParis has been the capital", "Paris.", "TL;DR: Paris is the capital.", "", None)
+    assert scores(evaluator, reference, *wrong) == [0.0] * 5
+    assert scores(evaluator, "", "", "x") == [0.0, 0.0]  # an empty reference has no first line
 
 
 def test_json_valid(fresh_plugins: None) -> None:
