@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,24 +208,37 @@ class DemoTask:
     #: method's defaults (measured: support 95% with 200, sentiment 85% with 200 and 100% with
     #: 300), and no more, since more steps on one narrow format make the base forget more
     #: (support with 300: 100% exact match, but 18 points lost on the general probes). None: the
-    #: task runs on the tiny base only (``direct``: measured on the real base, 30 DPO steps took
-    #: preference accuracy from 0% to 100% and TL;DR-first answers from 0% to 70%, but the facts
-    #: after it got worse; not yet in the real demo).
+    #: task runs on the tiny base only.
     real_examples: int | None
-    #: The training objective (``sft``, or ``dpo`` for a task of preference pairs).
-    objective: str = "sft"
+    #: The training objective as run.yaml's ``objective`` takes it: ``sft``, or ``dpo`` (with
+    #: its parameters) for a task of preference pairs.
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})
     #: The metric that says whether the task was learned (shown first by the demo).
     headline: str = "exact_match"
     #: Examples on the tiny base.
     tiny_examples: int = 600
+    #: Epochs on the real base (the config's default when None).
+    real_epochs: int | None = None
 
+    @property
+    def objective_name(self) -> str:
+        return str(self.objective["name"])
+
+
+#: ``direct`` on the real base (300 pairs, one epoch: 30 steps), measured: plain DPO took held-out
+#: preference accuracy from 0% to 100% and TL;DR-first answers from 0% to 70%, but the answer in the
+#: TL;DR line got worse ("TL;DR: Up." for the opposite of up); with the supervised term on the
+#: preferred side (``sft_weight`` 1.0) TL;DR-first went to 100% and the right one-line answer to
+#: 63% (3-shot prompting: 53%). On the tiny base the term is needed for the pairs to be learned at
+#: all (200 pairs: plain DPO 0.25-0.7 preference accuracy, with the term 0.8).
+DIRECT_OBJECTIVE = {"name": "dpo", "sft_weight": 1.0}
 
 TASKS: dict[str, DemoTask] = {
     "support": DemoTask("acme", support_record, ("loss", "exact_match", "json_valid"), real_examples=200),
     "sentiment": DemoTask("globex", sentiment_record, ("loss", "exact_match"), real_examples=300),
     "direct": DemoTask(
-        "initech", direct_record, ("loss", "first_word", "first_line"), real_examples=None, objective="dpo",
-        headline="preference_accuracy", tiny_examples=200,
+        "initech", direct_record, ("loss", "first_word", "first_line"), real_examples=300,
+        objective=DIRECT_OBJECTIVE, headline="preference_accuracy", tiny_examples=200, real_epochs=1,
     ),
 }  # fmt: skip
 
@@ -272,13 +285,17 @@ def demo_config(
     """
     spec = TASKS[task]
     evaluators = list(spec.evaluators)
-    objective = {"objective": spec.objective} if spec.objective != "sft" else {}
+    sft = spec.objective_name == "sft"
+    objective = {} if sft else {"objective": dict(spec.objective)}
     if real:
+        train: dict[str, Any] = {"seed": seed}
+        if spec.real_epochs is not None:
+            train["epochs"] = spec.real_epochs
         return {
             "base": str(base),
             "data": {"train": str(data)},
             **objective,
-            "train": {"seed": seed},
+            "train": train,
             "eval": {"evaluators": [*evaluators, "general"], "samples": 5, "base_shots": 3},
             "output": str(output),
         }
@@ -286,13 +303,10 @@ def demo_config(
         "base": str(base),
         "data": {"train": str(data)},
         "method": {"name": "lora", "r": 8},
-        # DPO on the tiny base: a supervised term on the preferred answers (sft_weight) raises their
-        # likelihood, which a random-init model otherwise leaves far below the shorter side's
-        # (measured, 200 pairs: plain DPO 0.25-0.7 preference accuracy, with the term 0.8).
-        **({"objective": {"name": spec.objective, "sft_weight": 1.0}} if objective else {}),
+        **objective,
         "train": {
-            "learning_rate": 1e-2 if objective else 3e-3,
-            "epochs": 4 if objective else 6,
+            "learning_rate": 3e-3 if sft else 1e-2,
+            "epochs": 6 if sft else 4,
             "batch_size": 16,
             "seed": seed,
         },

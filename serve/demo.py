@@ -1,8 +1,9 @@
 """``adapterdeck demo``: the whole product on one machine, offline.
 
-Build the offline base, train the two demo tenants' adapters, publish them, serve them through
-vLLM behind the gateway, call each tenant's adapter and the base with the ``openai`` client, show
-the answers side by side, and shut everything down.
+Build the offline base, train the demo tenants' adapters, publish them, serve them through vLLM
+behind the gateway, call each tenant's adapter and the base with the ``openai`` client, show the
+answers side by side, run an A/B test of one adapter against the base on live rated traffic, and
+shut everything down.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def demo_run(
         config = parse_config(
             demo_config(base_dir, data, workdir / "runs" / task, seed, task, real=real), f"demo {task}"
         )
-        out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter ({spec.objective})")
+        out.rule(f"2. {spec.tenant}/{task}: training a LoRA adapter ({spec.objective_name})")
         result = run_training(config, RichReporter(out), overwrite=True)
         print_summary(result.report, result.run_dir, out)
         runs[f"{spec.tenant}/{task}"] = result.run_dir
@@ -173,6 +174,37 @@ def _dashboard(url: str, keys: dict[str, str], keep: subprocess.Popen | None) ->
             keep.wait()
 
 
+def _ab_test(url: str, key: str, users: int = 40) -> None:
+    """An A/B test on live traffic: ``acme/support`` split evenly between its adapter (control)
+    and the base (candidate), each answer rated thumbs up when it is the right label, the verdict."""
+    import random
+
+    import openai
+
+    from adapterdeck.core.demo import support_record
+
+    out.rule("6. an A/B test: acme/support's adapter against the base, rated by the answers' labels")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"name": "acme/support", "control": "v1", "candidates": [{"ref": "base", "weight": 50}]}
+    httpx.post(f"{url}/v1/experiments", json=body, headers=headers, timeout=30).raise_for_status()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=2)
+    rng = random.Random("demo-ab")  # support messages the adapter was not trained on
+    for n in range(users):
+        messages = support_record(rng)["messages"]
+        reply = client.chat.completions.create(
+            model="acme/support", messages=messages[:2], user=f"customer-{n}", max_tokens=24, temperature=0
+        )
+        right = (reply.choices[0].message.content or "").strip() == messages[2]["content"]
+        rating = {"response_id": reply.id, "thumbs": "up" if right else "down"}
+        httpx.post(f"{url}/v1/feedback", json=rating, headers=headers, timeout=30).raise_for_status()
+    report = httpx.get(f"{url}/v1/experiments/acme/support", headers=headers, timeout=30).json()
+    for v in report["variants"]:
+        share = "-" if v["mean_score"] is None else f"{v['mean_score']:.0%}"
+        rated = f"{share} of {v['feedback']} rated up"
+        out.print(f"  {v['name']} ({v['ref'] or 'the base model'}): {v['requests']} requests, {rated}")
+    out.print(f"verdict: {report['verdict']}")
+
+
 def _publish_serve_and_call(
     workdir: Path, base: Path, runs: dict[str, Path], served: str, keep_serving: bool = False
 ) -> None:
@@ -238,9 +270,11 @@ def _publish_serve_and_call(
                     answers[model] = f"{reply.choices[0].message.content!s}\n[dim]({reply.model})[/dim]"
                 table.add_row(adapter, text, answers[served], answers[adapter])
         out.print(table)
+        if "acme/support" in runs:
+            _ab_test(url, keys["acme"])
         _dashboard(url, keys, proc if keep_serving else None)
     finally:
-        out.rule("6. shutting down")
+        out.rule("7. shutting down")
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=90)

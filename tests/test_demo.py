@@ -60,5 +60,8 @@ def test_demo_run_is_the_whole_product_and_reaches_the_bar(tmp_path: Path) -> No
     assert "(acme/support@1)" in result.stdout and "(globex/sentiment@1)" in result.stdout
     assert "(initech/direct@1)" in result.stdout
     assert '{"category": ' in result.stdout
+    # An A/B test on live traffic, acme/support's adapter against the base, rated and decided.
+    assert "v1 (acme/support@1): " in result.stdout and "base (the base model): " in result.stdout
+    assert "verdict: base worse than v1, p" in result.stdout, result.stdout[-2000:]
     assert "stopped the gateway and vLLM" in result.stdout
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1
