@@ -109,8 +109,8 @@ def demo_run(
     for name, report in reports.items():
         headline = TASKS[name.split("/", 1)[1]].headline
         m = report["test"]["metrics"][headline]
-        base, tuned = m["base"]["value"], m["tuned"]["value"]
-        out.print(f"{name}: {headline.replace('_', ' ')} base {base:.0%} -> tuned {tuned:.0%}")
+        before, after = m["base"]["value"], m["tuned"]["value"]
+        out.print(f"{name}: {headline.replace('_', ' ')} base {before:.0%} -> tuned {after:.0%}")
     if serve:
         served = "tiny-base" if not real else base
         _publish_serve_and_call(workdir, base_dir, runs, served, keep_serving)
@@ -170,6 +170,8 @@ def _dashboard(url: str, keys: dict[str, str], keep: subprocess.Popen | None) ->
         out.print(f"  {tenant}: {key}")
     if keep is not None:
         out.print("serving until Ctrl-C")
+        # SIGTERM (a service manager, `kill`) shuts down as cleanly as Ctrl-C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             keep.wait()
 
