@@ -65,23 +65,6 @@ def first_word(text: str) -> str:
     return words[0].strip(".,;:!?\"'()[]").lower() if words else ""
 
 
-class FirstWord(Evaluator):
-    name = "first_word"
-    description = (
-        "1.0 when the answer's first word is the reference's (case and punctuation ignored): "
-        "the answer comes first"
-    )
-    higher_is_better = True
-    needs_generation = True
-    needs_loss = False
-
-    def score(self, sample: EvalSample) -> float:
-        if sample.prediction is None:
-            return 0.0
-        expected = first_word(sample.reference)
-        return 1.0 if expected and first_word(sample.prediction) == expected else 0.0
-
-
 def first_line(text: str) -> str:
     """The first non-empty line of ``text``, without the punctuation that ends it, in lower case
     and with its runs of whitespace as one space."""
@@ -91,21 +74,40 @@ def first_line(text: str) -> str:
     return ""
 
 
-class FirstLine(Evaluator):
+class _LeadMatch(Evaluator):
+    """1.0 when the answer begins as the reference does: the same ``lead`` of both, not empty."""
+
+    higher_is_better = True
+    needs_generation = True
+    needs_loss = False
+
+    @staticmethod
+    def lead(text: str) -> str:
+        raise NotImplementedError
+
+    def score(self, sample: EvalSample) -> float:
+        if sample.prediction is None:
+            return 0.0
+        expected = self.lead(sample.reference)
+        return 1.0 if expected and self.lead(sample.prediction) == expected else 0.0
+
+
+class FirstWord(_LeadMatch):
+    name = "first_word"
+    description = (
+        "1.0 when the answer's first word is the reference's (case and punctuation ignored): "
+        "the answer comes first"
+    )
+    lead = staticmethod(first_word)
+
+
+class FirstLine(_LeadMatch):
     name = "first_line"
     description = (
         "1.0 when the answer's first line is the reference's (case, spacing and the closing "
         "punctuation ignored): a one-line answer first, and the right one"
     )
-    higher_is_better = True
-    needs_generation = True
-    needs_loss = False
-
-    def score(self, sample: EvalSample) -> float:
-        if sample.prediction is None:
-            return 0.0
-        expected = first_line(sample.reference)
-        return 1.0 if expected and first_line(sample.prediction) == expected else 0.0
+    lead = staticmethod(first_line)
 
 
 class PreferenceAccuracy(Evaluator):
