@@ -259,10 +259,14 @@ def test_vllm_answers_like_peft_on_the_real_base(real_base: Path, tuned: Path, s
 def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: RealStack) -> None:
     """The openai client alone, every hyperparameter "auto" (the LoRA method's defaults)."""
     client = served.client("globex")
-    path = write_demo_dataset(served.root / "reviews.jsonl", task="sentiment", n=120, seed=3)
+    # 200 examples (160 trained on: 60 steps), the demo's size for this task's measured 85%; with
+    # 120 (36 steps) a job reached 14-17 of 20 where the CPU trains in float32 but 6 of 20 where
+    # `auto` picked bf16 autocast (a CPU with AVX512-BF16), which learns more slowly at first.
+    # The seed is fixed so that a failure can be run again as it was.
+    path = write_demo_dataset(served.root / "reviews.jsonl", task="sentiment", n=200, seed=3)
     with path.open("rb") as fh:
         upload = client.files.create(file=("reviews.jsonl", fh), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="smollm2", training_file=upload.id, suffix="reviews")
+    job = client.fine_tuning.jobs.create(model="smollm2", training_file=upload.id, suffix="reviews", seed=11)
     deadline = time.monotonic() + 1200
     while job.status not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, f"job still {job.status}:\n{served.log.read_text()[-3000:]}"
@@ -287,4 +291,4 @@ def test_fine_tuning_api_with_auto_hyperparameters_makes_a_useful_model(served: 
             else:
                 base_right += hit
     print(f"fine-tuning API, auto hyperparameters: exact match base {base_right}/20, tuned {right}/20")
-    assert right >= 11 and right >= base_right + 8  # measured here: 14 and 16 of 20, against 0 of 20
+    assert right >= 11 and right >= base_right + 8  # measured: see the dataset's size above
