@@ -1,14 +1,17 @@
 """Fleet: adapter-affinity routing vs round-robin vs least-loaded over two vLLM replicas, then a
 replica killed under load.
 
-    .venv/bin/python bench/fleet.py [--requests 300] [--warmup 300] [--adapters 1000]
+    .venv/bin/python bench/fleet.py [--base tiny|smollm2-135m-instruct] [--requests 300]
+                                    [--warmup 300] [--adapters 1000]
                                     [--working-set 200] [--cpu-loras 100] [--rounds 2]
                                     [--clients 8] [--fleet KEY=VALUE] [--compare KEY=VALUE]
                                     [--no-failover] [--quick] [--workdir DIR]
 
 A fresh registry holds ``--adapters`` published adapters (one random LoRA published once, then
 ``tests/registry_helpers.bulk_fill``: each adapter its own manifest, so its own cache directory and
-its own load in vLLM). Two CPU vLLM replicas of the offline demo base (float32), each on its share
+its own load in vLLM). Two CPU vLLM replicas of the offline base (float32; ``--base``: the tiny demo
+base, whose LoRA r 8 on every linear layer is 200 KB, or the real SmolLM2-135M-Instruct, whose LoRA
+of the same shape is 19 MB, so that a cold load costs what real adapters cost), each on its share
 of the cores and with few LoRA slots (``vllm.max_loras`` 2 adapters per batch, ``vllm.max_cpu_loras``
 ``--cpu-loras`` kept loaded: by default half the working set, so the fleet as a whole can keep the
 working set loaded but one replica cannot), are started once with the command ``adapterdeck
@@ -67,6 +70,7 @@ from serving import SERVED, free_port, say  # noqa: E402
 
 TENANT = "fleet"
 POLICIES = ("affinity", "round_robin", "least_loaded")
+BASES = ("tiny", "smollm2-135m-instruct")
 MAX_LORAS, MAX_CPU_LORAS = 2, 100
 MAX_TOKENS = 16
 TIMEOUT = 120
@@ -78,19 +82,21 @@ REPLICA_HEADER = "x-adapterdeck-replica"
 # --- preparation -------------------------------------------------------------------------------
 
 
-def prepare(workdir: Path, adapters: int) -> tuple[Path, Path, list[str], str, str]:
-    """Base model and one LoRA (cached in the workdir); a fresh registry with ``adapters`` published
-    adapters; a tenant key and an admin key (for ``/metrics``)."""
-    from adapterdeck.core.basemodel import build_base_model
+def prepare(workdir: Path, adapters: int, base_name: str) -> tuple[Path, Path, list[str], str, str]:
+    """Base model (``tiny`` or an offline packaged one, by name) and one LoRA on it (both cached in
+    the workdir); a fresh registry with ``adapters`` published adapters; a tenant key and an admin
+    key (for ``/metrics``)."""
+    from adapterdeck.core.basemodel import ensure_named_base
     from adapterdeck.registry import Registry, RegistrySettings
     from adapterdeck.registry.tenants import create_key
     from tests.registry_helpers import bulk_fill, claim_vllm, make_lora
 
-    base = workdir / "base" / "tiny-llama"
+    base = workdir / "base" / base_name
     if not (base / "config.json").exists():
-        say("building the demo base model")
-        build_base_model(base, seed=0)
-    lora = workdir / "loras" / "seed7"
+        say(f"building the base model {base_name}")
+    if base_name != "tiny" or not (base / "config.json").exists():
+        ensure_named_base(base_name, base)  # a packaged base: rebuilt only if its source changed
+    lora = workdir / "loras" / f"{base_name}-seed7"
     if not (lora / "adapter_model.safetensors").exists():
         shutil.rmtree(lora, ignore_errors=True)
         claim_vllm(make_lora(base, lora, seed=7), base)
@@ -467,7 +473,7 @@ async def under_kill(
 def report(args: argparse.Namespace, blocks: dict[str, list[Block]], fo: Failover | None) -> None:
     print()
     print(
-        f"fleet: 2 vLLM replicas (CPU, max_loras {MAX_LORAS}, max_cpu_loras {MAX_CPU_LORAS}), "
+        f"fleet: 2 vLLM replicas of {args.base} (CPU, max_loras {MAX_LORAS}, max_cpu_loras {MAX_CPU_LORAS}), "
         f"{args.adapters} adapters, Zipf(1.0) over {args.working_set}, {args.rounds} rounds x "
         f"{args.requests} streamed requests per policy after {args.working_set} + {args.warmup} warm-up, "
         f"{args.clients} clients"
@@ -551,6 +557,10 @@ def main() -> int:
         "--warmup", type=int, default=300, help="uncounted requests per block before the counted ones"
     )
     parser.add_argument("--adapters", type=int, default=1000)
+    parser.add_argument(
+        "--base", default="tiny", choices=BASES,
+        help="the served base: tiny (a LoRA of 200 KB) or the real smollm2-135m-instruct (19 MB)",
+    )  # fmt: skip
     parser.add_argument("--working-set", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--clients", type=int, default=8)
@@ -584,7 +594,7 @@ def main() -> int:
         args.working_set, MAX_CPU_LORAS = min(args.working_set, 40), min(MAX_CPU_LORAS, 20)
     args.workdir.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the servers are stopped on the way out
-    base, home, names, key, admin = prepare(args.workdir, args.adapters)
+    base, home, names, key, admin = prepare(args.workdir, args.adapters, args.base)
     ADMIN["Authorization"] = f"Bearer {admin}"
     blocks = routing(args, base, home, names, key, admin)
     fo = None if args.no_failover else failover(args, base, home, names, key)

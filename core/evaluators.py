@@ -37,6 +37,22 @@ class Evaluator(ABC):
     needs_loss: ClassVar[bool] = True
     #: True when ``score`` reads ``sample.margin`` (both answers of each preference pair are scored).
     needs_preference: ClassVar[bool] = False
+    #: False when ``score`` reads only ``sample.prediction`` (and ``sample.prompt``), never the
+    #: reference answer: such an evaluator can also judge live traffic, which has no reference
+    #: (an experiment's ``evaluators`` and guardrails; see ``live``).
+    needs_reference: ClassVar[bool] = True
+
+    @classmethod
+    def live(cls) -> bool:
+        """Whether this evaluator can score a served answer on its own (no reference, no loss, no
+        preference pair, no probe set of its own)."""
+        return (
+            cls.needs_generation
+            and not cls.needs_reference
+            and not cls.needs_loss
+            and not cls.needs_preference
+            and cls.examples is Evaluator.examples
+        )
 
     #: Most generated answer tokens this evaluator's own examples need (see ``examples``).
     max_new_tokens: ClassVar[int] = 64

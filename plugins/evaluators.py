@@ -136,6 +136,7 @@ class JsonValid(Evaluator):
     higher_is_better = True
     needs_generation = True
     needs_loss = False
+    needs_reference = False
 
     def score(self, sample: EvalSample) -> float:
         if sample.prediction is None:

@@ -139,6 +139,9 @@ experiments = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True)),
+    # {"guardrails": [{"metric": ..., "margin": ...}], "auto_promote": bool, "evaluators": [...],
+    # "eval_sample": fraction, "retention": {...}} (see registry/experiments/model.py); null: none.
+    Column("settings", JSON),
 )
 
 experiment_events = Table(
@@ -169,6 +172,8 @@ experiment_responses = Table(
     Column("score", Float),
     Column("feedback_at", DateTime(timezone=True)),
     Column("at", DateTime(timezone=True), nullable=False),
+    # {evaluator: score} of the experiment's live evaluators, for the sampled answers; else null.
+    Column("evals", JSON),
 )
 
 # -- fine-tuning ---------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class Gateway:
         self.database = DatabaseStatus()
         self.limiter = Limiter(settings.limits, settings.tenant_limits, settings.limits_storage)
         self.keys = Keys(registry, self.database, self.limiter)
-        self.traffic = Traffic(registry, self.database)
+        self.traffic = Traffic(registry, self.database, self.metrics)
         self.shadows = Shadows(self.traffic, self.metrics, self.variant_target, self.send)
         self.vllm = VllmEngine(settings, supervisors, self.metrics)
         self.fleet = self.vllm.fleet  # the vLLM replicas and the routing over them
@@ -174,8 +174,10 @@ class Gateway:
         started = time.monotonic()
         outcome = Outcome(stream_ended=lambda status: self._answered(target, outcome, status, started))
         status = "error"
-        if target.experiment is not None and target.experiment.shadow is not None:
-            self.shadows.start(path, body, target.experiment)
+        if target.experiment is not None:
+            self.traffic.sample(target.experiment, outcome, body)
+            if target.experiment.shadow is not None:
+                self.shadows.start(path, body, target.experiment)
         try:
             response = await self.send(path, body, target, outcome)
             status = str(response.status_code)

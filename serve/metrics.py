@@ -58,6 +58,13 @@ class Metrics:
             ("experiment", "variant", "status"),
             registry=self.registry,
         )
+        self.experiment_decisions = Counter(
+            "adapterdeck_experiment_decisions",
+            "Experiments ended by their own rules: a guardrail breach (rollback to the control) or "
+            "an automatic promotion",
+            ("experiment", "variant", "decision", "metric"),
+            registry=self.registry,
+        )
         self.feedback = Counter(
             "adapterdeck_feedback", "Feedback received", ("experiment", "variant"), registry=self.registry
         )

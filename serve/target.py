@@ -45,6 +45,9 @@ class Target:
         }
 
 
+TEXT_LIMIT = 20_000  # characters of an answer kept for the live evaluators
+
+
 @dataclass
 class Outcome:
     """What came back, filled in by the engine call. A streamed answer sets ``streaming`` and calls
@@ -54,8 +57,32 @@ class Outcome:
     usage: dict[str, Any] | None = None
     streaming: bool = False
     stream_ended: Callable[[int], None] | None = None
+    #: Keep the answer's text (the first choice's, up to ``TEXT_LIMIT`` characters) in ``text``:
+    #: set when an experiment's live evaluators will score it.
+    keep_text: bool = False
+    text: str | None = None
+    prompt: Any = None  # the request's messages (or prompt), kept with the text
 
     def answered(self, payload: Any) -> None:
-        """Take the id and usage of a JSON answer."""
+        """Take the id and usage of a JSON answer (and its text, when kept)."""
         if isinstance(payload, dict):
             self.response_id, self.usage = payload.get("id"), payload.get("usage")
+            if self.keep_text:
+                choice = (payload.get("choices") or [{}])[0]
+                if isinstance(choice, dict):
+                    message = choice.get("message") or {}
+                    text = message.get("content") if isinstance(message, dict) else None
+                    text = text if isinstance(text, str) else choice.get("text")
+                    self.text = text[:TEXT_LIMIT] if isinstance(text, str) else None
+
+    def streamed(self, chunk: dict[str, Any]) -> None:
+        """Add a streamed chunk's text to ``text`` (when kept): the first choice's delta."""
+        if not self.keep_text:
+            return
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            piece = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(piece, str) and len(self.text or "") < TEXT_LIMIT:
+                self.text = ((self.text or "") + piece)[:TEXT_LIMIT]

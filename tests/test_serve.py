@@ -352,6 +352,64 @@ def test_a_prefix_adapter_is_served_by_the_embedded_peft_engine(serving: Serving
     assert peft["adapters"] == 1 and peft["largest_batch"] >= 2  # concurrent requests were batched
 
 
+def test_a_guardrail_breach_rolls_a_live_experiment_back(serving: Serving) -> None:
+    """acme/support (trained: JSON answers) against a random LoRA (no JSON) on a 50/50 split, with a
+    json_valid guardrail: the gateway scores the live answers, finds the candidate worse beyond the
+    margin by the always-valid test, and stops the experiment by itself (traffic back to the
+    control), with the reason in the history and the metrics."""
+    acme = {"Authorization": f"Bearer {serving.keys['acme']}"}
+    url = f"{serving.url}/v1/experiments"
+    body = {"name": "acme/support", "control": "v1", "candidates": [{"ref": "acme/random@1", "weight": 50}]}
+    for rails, says in (
+        ([{"metric": "json_valid", "margin": "a lot"}], "expected a number"),
+        ([{"metric": "exact_match", "margin": 0.1}], "cannot score live answers"),
+        ([{"metric": "latency", "margin": 0.1}], "not one of error_rate, latency_p95, completion_tokens"),
+        ([{"metric": "error_rate", "margin": -1}], ">= 0"),
+    ):
+        bad = httpx.post(url, json={**body, "guardrails": rails}, headers=acme, timeout=30)
+        assert bad.status_code == 400 and says in bad.json()["error"]["message"], bad.text
+    rails = [{"metric": "json_valid", "margin": 0.1}, {"metric": "error_rate", "margin": 0.05}]
+    created = httpx.post(url, json={**body, "guardrails": rails}, headers=acme, timeout=30)
+    assert created.status_code == 201, created.text
+    assert created.json()["settings"]["evaluators"] == ["json_valid"]  # named by a guardrail
+
+    client = serving.client("acme")
+    messages = [{"role": "system", "content": SUPPORT}, {"role": "user", "content": PROMPTS[0]}]
+    sent = by_candidate = 0
+    while True:
+        raw = client.chat.completions.with_raw_response.create(
+            model="acme/support", messages=messages, max_tokens=64, temperature=0, user=f"u{sent}"
+        )
+        if not raw.headers.get("x-adapterdeck-variant"):
+            break  # no experiment routes acme/support any more
+        sent += 1
+        by_candidate += raw.parse().model == "acme/random@1"
+        assert sent < 400, "the guardrail never fired"
+    print(f"json_valid guardrail: the experiment was rolled back after {sent} requests, "
+          f"{by_candidate} of them answered by the candidate")  # fmt: skip
+    report = httpx.get(f"{url}/acme/support", headers=acme, timeout=30).json()
+    assert report["status"] == "stopped"
+    stop = report["history"][-1]
+    assert stop["action"] == "stop" and stop["by"] == "guardrail", stop
+    assert "guardrail json_valid breached by random@1" in stop["reason"], stop
+    live = report["live_evaluators"]
+    assert live["v1"]["json_valid"]["mean"] >= 0.9 and live["random@1"]["json_valid"]["mean"] == 0.0, live
+    rail = next(g for g in report["guardrails"] if g["metric"] == "json_valid")
+    assert rail["status"] == "breached" and rail["ci"][1] < -0.1, rail
+    assert next(g for g in report["guardrails"] if g["metric"] == "error_rate")["status"] != "breached"
+    metrics = httpx.get(f"{serving.url}/metrics", headers=acme, timeout=30).text
+    assert (
+        'adapterdeck_experiment_decisions_total{decision="rollback",experiment="acme/support",'
+        'metric="json_valid",variant="random@1"} 1.0'
+    ) in metrics
+    # Everyone is back on the control.
+    for i in range(5):
+        reply = client.chat.completions.create(
+            model="acme/support", messages=messages, max_tokens=8, temperature=0, user=f"u{i}"
+        )
+        assert reply.model == "acme/support@1"
+
+
 def test_killing_vllm_under_load_fails_fast_and_service_returns(serving: Serving) -> None:
     outcomes: list[tuple[float, int, float]] = []  # (when, status, seconds)
     stop = threading.Event()

@@ -46,12 +46,41 @@ def create(
         list[str], typer.Option(help="REF=WEIGHT (weight in percent of the traffic); repeat for more.")
     ],
     shadow: Annotated[str | None, typer.Option(help="A variant that gets a copy of the traffic.")] = None,
+    guardrail: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="METRIC=MARGIN: error_rate, latency_p95, completion_tokens or a live evaluator that "
+            "must not get worse by more than MARGIN; a breach stops the experiment. Repeatable."
+        ),
+    ] = None,
+    auto_promote: Annotated[
+        bool, typer.Option(help="Promote the candidate once it wins on ratings and every guardrail holds.")
+    ] = False,
+    evaluate: Annotated[
+        list[str] | None,
+        typer.Option(help="A reference-free evaluator (e.g. json_valid) scored on live answers. Repeatable."),
+    ] = None,
+    eval_sample: Annotated[float, typer.Option(help="The share of answers the evaluators score.")] = 1.0,
+    retention_days: Annotated[
+        float | None, typer.Option(help="Keep recorded responses this many days (aggregates stay).")
+    ] = None,
+    retention_responses: Annotated[
+        int | None, typer.Option(help="Keep at most this many recorded responses (aggregates stay).")
+    ] = None,
 ) -> None:
     """Start an experiment: the control gets the traffic the candidates' weights leave."""
-    from adapterdeck.registry.experiments.model import parse_candidate
+    from adapterdeck.registry.experiments.model import parse_candidate, parse_guardrail, parse_settings
 
     candidates = [parse_candidate(c) for c in candidate]
-    _print_definition(_store(ctx).create(name, control, candidates, shadow))
+    settings = parse_settings(
+        [parse_guardrail(g) for g in guardrail or []],
+        auto_promote=auto_promote,
+        evaluators=evaluate,
+        eval_sample=eval_sample,
+        retention_days=retention_days,
+        retention_responses=retention_responses,
+    )
+    _print_definition(_store(ctx).create(name, control, candidates, shadow, settings=settings))
 
 
 @app.command("set-weight")

@@ -59,6 +59,7 @@ class Experiment:
     created_at: str
     updated_at: str
     ended_at: str | None
+    settings: Settings = field(default_factory=lambda: Settings())
     _table: list[tuple[int, Variant]] = field(default_factory=list, repr=False)
     _starts: list[int] = field(default_factory=list, repr=False)
 
@@ -108,6 +109,7 @@ class Experiment:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "ended_at": self.ended_at,
+            "settings": self.settings.to_dict(),
         }
 
 
@@ -201,3 +203,154 @@ def parse_candidate(text: str) -> tuple[str, float]:
         return spec, float(weight)
     except ValueError:
         raise ExperimentError(f"{text!r}: expected REF=WEIGHT, for example v4=10") from None
+
+
+# -- settings: guardrails, auto-promote, live evaluators, retention --------------------------------
+
+#: The metrics a guardrail can watch besides a live evaluator's score, and what its margin means.
+GUARDRAIL_METRICS: dict[str, str] = {
+    "error_rate": "the share of requests answered with a 5xx; margin in points (0.01: one point)",
+    "latency_p95": "the 95th percentile of latency; margin as a fraction of the control's (0.2: 20% slower)",
+    "completion_tokens": "tokens per answer; margin as a fraction of the control's mean (0.5: +50%)",
+}
+#: A live evaluator's guardrail: its mean score may be worse than the control's by ``margin``
+#: (absolute, in the evaluator's units: 0.05 is five points of a 0-1 score).
+EVALUATOR_MARGIN = (
+    "the evaluator's mean score on live answers; margin absolute (0.05: five points of a 0-1 score)"
+)
+
+
+@dataclass
+class Guardrail:
+    metric: str  # a key of GUARDRAIL_METRICS or a live evaluator's name
+    margin: float
+
+
+@dataclass
+class Retention:
+    """How long an experiment's recorded responses are kept (None: for ever); the figures of the
+    pruned ones stay in the experiment's aggregates."""
+
+    days: float | None = None
+    max_responses: int | None = None
+
+
+@dataclass
+class Settings:
+    guardrails: list[Guardrail] = field(default_factory=list)
+    #: Promote the candidate when it wins on the ratings and every guardrail holds.
+    auto_promote: bool = False
+    #: Reference-free evaluators scored on a sample of every variant's answers (the shadow's too).
+    evaluators: list[str] = field(default_factory=list)
+    eval_sample: float = 1.0  # the share of answers scored
+    retention: Retention = field(default_factory=Retention)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Settings:
+        data = dict(data or {})
+        return cls(
+            guardrails=[Guardrail(**g) for g in data.get("guardrails") or []],
+            auto_promote=bool(data.get("auto_promote", False)),
+            evaluators=list(data.get("evaluators") or []),
+            eval_sample=float(data.get("eval_sample", 1.0)),
+            retention=Retention(**(data.get("retention") or {})),
+        )
+
+
+def _number(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ExperimentError(f"{what}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ExperimentError(f"{what}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ExperimentError(f"{what}: expected a finite number, got {value!r}")
+    return number
+
+
+def live_evaluators() -> dict[str, Any]:
+    """The registered evaluators that can score a served answer on its own, by name."""
+    from adapterdeck.core.plugins import catalog
+
+    return {name: r.obj for name, r in catalog().evaluators.items() if type(r.obj).live()}
+
+
+def check_evaluator(name: str) -> None:
+    """Refuse an evaluator that is unknown or cannot judge live answers, naming those that can."""
+    from adapterdeck.core.plugins import catalog
+
+    live = live_evaluators()
+    if name in live:
+        return
+    can = ", ".join(sorted(live)) or "none is installed"
+    if name in catalog().evaluators:
+        raise ExperimentError(
+            f"evaluator {name!r} cannot score live answers (it needs a reference answer, the loss "
+            f"or a probe set of its own); those that can: {can}"
+        )
+    raise ExperimentError(f"unknown evaluator {name!r}; those that score live answers: {can}")
+
+
+def parse_settings(
+    guardrails: list[tuple[str, Any]] | None = None,
+    *,
+    auto_promote: bool = False,
+    evaluators: list[str] | None = None,
+    eval_sample: Any = 1.0,
+    retention_days: Any = None,
+    retention_responses: Any = None,
+) -> Settings:
+    """Checked settings: every guardrail on a known metric with a margin that is a number >= 0 (a
+    guardrail on a live evaluator adds that evaluator), a sample share in (0, 1], a retention that
+    is positive."""
+    chosen = list(dict.fromkeys(evaluators or []))
+    for name in chosen:
+        check_evaluator(name)
+    rails = []
+    for metric, margin in guardrails or []:
+        if metric not in GUARDRAIL_METRICS:
+            try:
+                check_evaluator(metric)
+            except ExperimentError as exc:
+                known = ", ".join(GUARDRAIL_METRICS)
+                raise ExperimentError(
+                    f"guardrail {metric!r}: not one of {known}, nor a live evaluator ({exc})"
+                ) from None
+            if metric not in chosen:
+                chosen.append(metric)
+        value = _number(f"guardrail {metric}: margin", margin)
+        if value < 0:
+            raise ExperimentError(
+                f"guardrail {metric}: the margin is how much worse is tolerated, >= 0; got {value:g}"
+            )
+        if any(r.metric == metric for r in rails):
+            raise ExperimentError(f"guardrail {metric} is given twice")
+        rails.append(Guardrail(metric, value))
+    sample = _number("eval_sample", eval_sample)
+    if not 0 < sample <= 1:
+        raise ExperimentError(f"eval_sample is the share of answers scored, in (0, 1]; got {sample:g}")
+    days = None if retention_days is None else _number("retention days", retention_days)
+    if days is not None and days <= 0:
+        raise ExperimentError(f"retention days must be positive, got {days:g}")
+    count = None if retention_responses is None else _number("retention responses", retention_responses)
+    if count is not None and (count < 1 or count != int(count)):
+        raise ExperimentError(f"retention responses must be a whole number >= 1, got {count:g}")
+    return Settings(
+        guardrails=rails,
+        auto_promote=bool(auto_promote),
+        evaluators=chosen,
+        eval_sample=sample,
+        retention=Retention(days, None if count is None else int(count)),
+    )
+
+
+def parse_guardrail(text: str) -> tuple[str, str]:
+    """``METRIC=MARGIN`` from the command line (the margin checked by ``parse_settings``)."""
+    metric, sep, margin = text.partition("=")
+    if not sep or not metric.strip() or not margin.strip():
+        raise ExperimentError(f"{text!r}: expected METRIC=MARGIN, for example error_rate=0.01")
+    return metric.strip(), margin.strip()

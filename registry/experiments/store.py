@@ -15,6 +15,7 @@ from sqlalchemy import Connection, and_, select, update
 import adapterdeck.registry.schema as t
 from adapterdeck.registry.db import iso, now, write_transaction
 from adapterdeck.registry.errors import Conflict, NotFound
+from adapterdeck.registry.experiments.guardrails import judge
 from adapterdeck.registry.experiments.model import (
     BASE,
     CANDIDATE,
@@ -25,6 +26,7 @@ from adapterdeck.registry.experiments.model import (
     STOPPED,
     Experiment,
     ExperimentError,
+    Settings,
     Variant,
     check_weight,
     rebalance,
@@ -47,6 +49,7 @@ def _experiment(row: Any) -> Experiment:
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         ended_at=iso(row.ended_at) if row.ended_at is not None else None,
+        settings=Settings.from_dict(row.settings),
     )
 
 
@@ -142,8 +145,11 @@ class Experiments:
         candidates: list[tuple[str, float]],
         shadow: str | None = None,
         actor: str = "cli",
+        settings: Settings | None = None,
     ) -> Experiment:
-        """Start an experiment on the public name ``tenant/name``."""
+        """Start an experiment on the public name ``tenant/name`` (``settings``: its guardrails,
+        auto-promote, live evaluators and retention, checked by ``parse_settings``)."""
+        settings = settings or Settings()
         adapter = parse_adapter(name)
         if not candidates:
             raise ExperimentError("an experiment needs at least one candidate: --candidate REF=WEIGHT")
@@ -176,6 +182,7 @@ class Experiments:
                     status=RUNNING,
                     variants=_serialize(variants, shadow_variant),
                     shadow=shadow_variant.ref if shadow_variant else None,
+                    settings=settings.to_dict(),
                     created_by=actor,
                     created_at=started,
                     updated_at=started,
@@ -184,6 +191,7 @@ class Experiments:
             detail = {
                 "variants": {v.name: v.weight for v in variants},
                 "shadow": shadow_variant.name if shadow_variant else None,
+                "settings": settings.to_dict(),
             }
             self._event(conn, experiment_id, "create", actor, detail)
         return self.get(name, experiment_id=experiment_id)
@@ -208,7 +216,7 @@ class Experiments:
             )
         return self.get(name, experiment_id=experiment.id)
 
-    def promote(self, name: str, variant: str, actor: str = "cli") -> Experiment:
+    def promote(self, name: str, variant: str, actor: str = "cli", reason: str | None = None) -> Experiment:
         """Move the ``prod`` alias to ``variant`` and end the experiment."""
         adapter = parse_adapter(name)
         with write_transaction(self.engine) as conn:
@@ -223,10 +231,11 @@ class Experiments:
                 )
             self._point_prod(conn, experiment, winner)
             self._end(conn, experiment, PROMOTED, winner.name)
-            self._event(conn, experiment.id, "promote", actor, {"variant": winner.name, "ref": winner.ref})
+            detail = {"variant": winner.name, "ref": winner.ref, **({"reason": reason} if reason else {})}
+            self._event(conn, experiment.id, "promote", actor, detail)
         return self.get(name, experiment_id=experiment.id)
 
-    def stop(self, name: str, actor: str = "cli") -> Experiment:
+    def stop(self, name: str, actor: str = "cli", reason: str | None = None) -> Experiment:
         """End the experiment: all traffic goes back to the control.
 
         When the control is a version of the experiment's own adapter, ``prod`` is pointed at it, so
@@ -239,7 +248,8 @@ class Experiments:
             if control.ref is not None and parse_ref(control.ref).name == adapter.name:
                 self._point_prod(conn, experiment, control)
             self._end(conn, experiment, STOPPED, None)
-            self._event(conn, experiment.id, "stop", actor, {"control": control.name})
+            detail = {"control": control.name, **({"reason": reason} if reason else {})}
+            self._event(conn, experiment.id, "stop", actor, detail)
         return self.get(name, experiment_id=experiment.id)
 
     # -- traffic and feedback -------------------------------------------------------------------
@@ -305,7 +315,10 @@ class Experiments:
                     r.c.completion_tokens,
                     r.c.score,
                     r.c.at,
-                ).where(r.c.experiment_id == experiment.id)
+                    r.c.evals,
+                )
+                .where(r.c.experiment_id == experiment.id)
+                .order_by(r.c.at, r.c.response_id)
             ).all()
             samples = conn.execute(
                 select(r.c.output)
@@ -314,9 +327,39 @@ class Experiments:
                 .limit(5)
             ).scalars()
             shadow_outputs = list(samples)
-        out = summarize(experiment, rows, shadow_outputs)
-        out["history"] = self.history(experiment.id)
+        history = self.history(experiment.id)
+        out = summarize(experiment, rows, shadow_outputs, history)
+        out["history"] = history
+        out.update(judge(experiment, rows, out))
         return out
+
+    def enforce(self, name: str) -> dict[str, Any] | None:
+        """Apply the running experiment's own rules to what it has recorded: a breached guardrail
+        stops it (traffic back to the control; actor ``guardrail``), a candidate that wins with
+        every guardrail holding is promoted when ``auto_promote`` is on (actor ``auto-promote``).
+        The decision taken (with its reason, kept in the history), or None. Several gateways may
+        judge at once: whichever ends the experiment first wins, the others find it ended."""
+        try:
+            report = self.report(name)
+        except NotFound:
+            return None
+        decision = report["decision"]
+        if report["status"] != RUNNING or decision is None:
+            return None
+        if decision["decision"] == "promote" and not report.get("trustworthy", True):
+            return None  # a sample ratio mismatch: no automatic promotion on broken assignment
+        try:
+            if decision["decision"] == "rollback":
+                self.stop(name, actor="guardrail", reason=decision["reason"])
+            else:
+                self.promote(name, decision["variant"], actor="auto-promote", reason=decision["reason"])
+        except NotFound:
+            return None  # ended meanwhile, by another gateway or by hand
+        except ExperimentError as exc:  # e.g. the winner is the base: prod cannot point at it
+            if decision["decision"] == "promote":
+                return None
+            raise exc
+        return decision
 
     # -- internals -----------------------------------------------------------------------------
 

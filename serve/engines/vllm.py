@@ -288,6 +288,8 @@ class VllmEngine:
                         chunk = None
                     if isinstance(chunk, dict) and outcome.response_id is None:
                         outcome.response_id = chunk.get("id")
+                    if isinstance(chunk, dict):
+                        outcome.streamed(chunk)
                     if isinstance(chunk, dict) and chunk.get("usage"):
                         outcome.usage = chunk["usage"]
                         if not wants_usage and not chunk.get("choices"):

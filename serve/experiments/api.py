@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapterdeck.registry import NotFound
 from adapterdeck.registry.experiments import THUMBS
+from adapterdeck.registry.experiments.model import parse_settings
 from adapterdeck.registry.refs import parse_adapter
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller
@@ -25,12 +26,29 @@ class CandidateBody(BaseModel):
     weight: float = Field(ge=0, le=100, description="percent of the traffic")
 
 
+class GuardrailBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metric: str = Field(description="error_rate, latency_p95, completion_tokens or a live evaluator")
+    margin: Any = Field(description="how much worse is tolerated (see docs/api.md)")
+
+
+class RetentionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    days: Any = None
+    max_responses: Any = None
+
+
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the public name tenant/name that clients call")
     control: str
     candidates: list[CandidateBody] = Field(min_length=1)
     shadow: str | None = None
+    guardrails: list[GuardrailBody] = Field(default_factory=list)
+    auto_promote: bool = False
+    evaluators: list[str] = Field(default_factory=list, description="reference-free live evaluators")
+    eval_sample: Any = Field(default=1.0, description="the share of answers the evaluators score")
+    retention: RetentionBody | None = None
 
 
 class WeightBody(BaseModel):
@@ -84,8 +102,17 @@ def router(traffic: Traffic, metrics: Metrics) -> APIRouter:
     async def create(body: CreateBody, who: Caller) -> dict[str, Any]:
         name = owned(body.name, who)
         candidates = [(c.ref, c.weight) for c in body.candidates]
+        retention = body.retention or RetentionBody()
+        settings = parse_settings(
+            [(g.metric, g.margin) for g in body.guardrails],
+            auto_promote=body.auto_promote,
+            evaluators=body.evaluators,
+            eval_sample=body.eval_sample,
+            retention_days=retention.days,
+            retention_responses=retention.max_responses,
+        )
         experiment = await asyncio.to_thread(
-            store.create, name, body.control, candidates, body.shadow, _actor(who)
+            store.create, name, body.control, candidates, body.shadow, _actor(who), settings
         )
         await changed()
         return experiment.to_dict()

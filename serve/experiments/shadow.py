@@ -48,6 +48,7 @@ class Shadows:
     ) -> None:
         copy = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         outcome, status, output = Outcome(), 500, None
+        self.traffic.sample(experiment, outcome, body)
         started = time.monotonic()
         async with self.traffic.shadow_slots:
             try:

@@ -13,6 +13,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import random
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -22,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from adapterdeck.registry import Registry
 from adapterdeck.registry.experiments import Experiment, Experiments, Variant
+from adapterdeck.serve.metrics import Metrics
 from adapterdeck.serve.outage import DatabaseStatus
 from adapterdeck.serve.target import Outcome
 
@@ -30,6 +34,28 @@ INTERVAL = 0.25
 SHADOW_CONCURRENCY = 16
 MAX_PENDING = 100_000
 USER_HEADER = "x-user-id"
+GUARD_INTERVAL = 2.0  # seconds between two checks of the experiments' guardrails
+LIVE = "_live"  # a noted row's (evaluators, prompt, answer) until it is scored
+
+
+def score_live(evaluators: list[str], prompt: Any, text: str) -> dict[str, float] | None:
+    """Each live evaluator's score of one served answer (one that fails is left out and logged)."""
+    from adapterdeck.core.evaluators import EvalSample
+    from adapterdeck.core.plugins import catalog
+
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt or "")}]
+    sample = EvalSample(prompt=messages, reference="", prediction=text)
+    scores: dict[str, float] = {}
+    plugins = catalog()
+    for name in evaluators:
+        try:
+            value = float(plugins.evaluator(name).score(sample))
+        except Exception:
+            logger.exception("live evaluator %s failed on an answer", name)
+            continue
+        if math.isfinite(value):
+            scores[name] = value
+    return scores or None
 
 
 def user_id(body: dict[str, Any], request: Request) -> str | None:
@@ -47,8 +73,10 @@ def user_id(body: dict[str, Any], request: Request) -> str | None:
 class Traffic:
     """Running experiments (refreshed from the database) and the recorder of their requests."""
 
-    def __init__(self, registry: Registry, database: DatabaseStatus) -> None:
+    def __init__(self, registry: Registry, database: DatabaseStatus, metrics: Metrics | None = None) -> None:
         self.store = Experiments(registry)
+        self.metrics = metrics
+        self._guarded_at = 0.0
         self.database = database
         self.running: dict[str, Experiment] = {}
         self.pending: list[dict[str, Any]] = []
@@ -77,6 +105,34 @@ class Traffic:
             await asyncio.sleep(INTERVAL)
             await self.refresh()
             await self.flush()
+            if time.monotonic() - self._guarded_at >= GUARD_INTERVAL:
+                self._guarded_at = time.monotonic()
+                await self.guard()
+
+    async def guard(self) -> None:
+        """Apply the running experiments' own rules (guardrails, auto-promote) to what they have
+        recorded: a breach stops the experiment (traffic back to the control), a win with every
+        guardrail holding promotes. Another gateway may have acted first: then nothing happens."""
+        for experiment in list(self.running.values()):
+            settings = experiment.settings
+            if not settings.guardrails and not settings.auto_promote:
+                continue
+            try:
+                decision = await asyncio.to_thread(self.store.enforce, experiment.adapter)
+            except Exception as exc:
+                logger.warning("cannot check the rules of experiment %s: %s", experiment.adapter, exc)
+                continue
+            if decision is None:
+                continue
+            logger.warning("experiment %s: %s", experiment.adapter, decision["reason"])
+            if self.metrics is not None:
+                self.metrics.experiment_decisions.labels(
+                    experiment.adapter,
+                    decision["variant"],
+                    decision["decision"],
+                    decision.get("metric") or "",
+                ).inc()
+            await self.refresh()
 
     async def refresh(self) -> None:
         """Re-read the running experiments; on failure keep routing with the last known."""
@@ -100,6 +156,15 @@ class Traffic:
         if len(self.pending) < MAX_PENDING:
             self.pending.append({**row, "at": datetime.now(UTC)})
 
+    @staticmethod
+    def sample(experiment: Experiment, outcome: Outcome, body: dict[str, Any]) -> None:
+        """Have ``outcome`` keep the answer's text when the experiment's live evaluators are to
+        score it (a share ``eval_sample`` of the answers)."""
+        settings = experiment.settings
+        if settings.evaluators and random.random() < settings.eval_sample:
+            outcome.keep_text = True
+            outcome.prompt = body.get("messages", body.get("prompt"))
+
     def record(
         self,
         experiment: Experiment,
@@ -111,10 +176,16 @@ class Traffic:
         shadow: bool = False,
         output: str | None = None,
     ) -> None:
-        """Note a request ``variant`` served (written with the next flush)."""
+        """Note a request ``variant`` served (written with the next flush); a sampled answer is
+        scored by the experiment's live evaluators on the way."""
         usage = outcome.usage or {}
+        live = None
+        if outcome.keep_text and status == 200 and outcome.text is not None:
+            live = (experiment.settings.evaluators, outcome.prompt, outcome.text)
         self.note(
             {
+                LIVE: live,
+                "evals": None,
                 "response_id": outcome.response_id or f"failed-{uuid.uuid4().hex}",
                 "experiment_id": experiment.id,
                 "variant": variant.name,
@@ -126,6 +197,13 @@ class Traffic:
                 "output": output,
             }
         )
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Score the sampled answers with their live evaluators, then write every row."""
+        for row in rows:
+            if row.get(LIVE) is not None:
+                row["evals"] = score_live(*row[LIVE])
+        self.store.record([{k: v for k, v in row.items() if k != LIVE} for row in rows])
 
     def has_pending(self, response_id: str) -> bool:
         """Whether ``response_id`` is noted but not yet written (queued, or in a flush under way)."""
@@ -139,7 +217,7 @@ class Traffic:
                 return
             self.writing = rows
             try:
-                await asyncio.to_thread(self.store.record, rows)
+                await asyncio.to_thread(self._write, rows)
             except Exception as exc:
                 logger.warning("cannot record %d experiment requests (will retry): %s", len(rows), exc)
                 self.pending = (rows + self.pending)[:MAX_PENDING]
