@@ -61,12 +61,6 @@ def create(
         typer.Option(help="A reference-free evaluator (e.g. json_valid) scored on live answers. Repeatable."),
     ] = None,
     eval_sample: Annotated[float, typer.Option(help="The share of answers the evaluators score.")] = 1.0,
-    retention_days: Annotated[
-        float | None, typer.Option(help="Keep recorded responses this many days (aggregates stay).")
-    ] = None,
-    retention_responses: Annotated[
-        int | None, typer.Option(help="Keep at most this many recorded responses (aggregates stay).")
-    ] = None,
 ) -> None:
     """Start an experiment: the control gets the traffic the candidates' weights leave."""
     from adapterdeck.registry.experiments.model import parse_candidate, parse_guardrail, parse_settings
@@ -77,8 +71,6 @@ def create(
         auto_promote=auto_promote,
         evaluators=evaluate,
         eval_sample=eval_sample,
-        retention_days=retention_days,
-        retention_responses=retention_responses,
     )
     _print_definition(_store(ctx).create(name, control, candidates, shadow, settings=settings))
 
@@ -153,6 +145,14 @@ def show(ctx: typer.Context, name: Name, as_json: JsonFlag = False) -> None:
     def test(v: dict[str, Any], key: str) -> str:
         return _fmt((v.get("vs_control") or {}).get(key), ".3g")
 
+    def seq(v: dict[str, Any], what: str) -> str:
+        figures = (v.get("vs_control") or {}).get("sequential")
+        if not figures:
+            return "-"
+        ci = figures.get(f"{what}_ci")
+        interval = f" [{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""
+        return f"{_fmt(figures.get(f'{what}_p'), '.3g')}{interval}"
+
     row("ref", lambda v: v["ref"] or "base")
     row("traffic", lambda v: f"{v['weight']:g}%")
     row("requests", lambda v: str(v["requests"]))
@@ -161,9 +161,28 @@ def show(ctx: typer.Context, name: Name, as_json: JsonFlag = False) -> None:
     row("tokens in/out", lambda v: f"{v['prompt_tokens']} / {v['completion_tokens']}")
     row("ratings", lambda v: str(v["feedback"]))
     row("mean score", lambda v: _fmt(v["mean_score"], ".3f"))
-    row("p vs control (score)", lambda v: test(v, "feedback_p"))
-    row("p vs control (errors)", lambda v: test(v, "errors_p"))
+    row("p, 95% CI (score)", lambda v: seq(v, "feedback"))
+    row("p, 95% CI (errors)", lambda v: seq(v, "errors"))
+    row("fixed-horizon p (score)", lambda v: test(v, "feedback_p"))
+    live = report.get("live_evaluators", {})
+    for evaluator in report.get("settings", {}).get("evaluators", []):
+        row(
+            f"{evaluator} (live)",
+            lambda v, e=evaluator: _fmt((live.get(v["name"], {}).get(e) or {}).get("mean"), ".3f"),
+        )
     out.print(table)
+    out.print("  (p and CI: always-valid, read them at any time; fixed-horizon p: valid read once)")
+    for g in report.get("guardrails", []):
+        ci = f", CI {g['ci']}" if g.get("ci") else ""
+        out.print(
+            f"guardrail {g['metric']} (margin {g['margin']:g}) on {g['variant']}: {g['status']} "
+            f"({_fmt(g['value'])} against {_fmt(g['control_value'])}{ci})"
+        )
+    srm = report.get("srm") or {}
+    if srm.get("p") is not None:
+        out.print(
+            f"sample ratio: p={srm['p']:.3g}{' MISMATCH' if srm['mismatch'] else ' (as the weights say)'}"
+        )
     if report.get("shadow"):
         s = report["shadow"]
         out.print(

@@ -205,7 +205,7 @@ def parse_candidate(text: str) -> tuple[str, float]:
         raise ExperimentError(f"{text!r}: expected REF=WEIGHT, for example v4=10") from None
 
 
-# -- settings: guardrails, auto-promote, live evaluators, retention --------------------------------
+# -- settings: guardrails, auto-promote, live evaluators --------------------------------------------
 
 #: The metrics a guardrail can watch besides a live evaluator's score, and what its margin means.
 GUARDRAIL_METRICS: dict[str, str] = {
@@ -227,15 +227,6 @@ class Guardrail:
 
 
 @dataclass
-class Retention:
-    """How long an experiment's recorded responses are kept (None: for ever); the figures of the
-    pruned ones stay in the experiment's aggregates."""
-
-    days: float | None = None
-    max_responses: int | None = None
-
-
-@dataclass
 class Settings:
     guardrails: list[Guardrail] = field(default_factory=list)
     #: Promote the candidate when it wins on the ratings and every guardrail holds.
@@ -243,7 +234,6 @@ class Settings:
     #: Reference-free evaluators scored on a sample of every variant's answers (the shadow's too).
     evaluators: list[str] = field(default_factory=list)
     eval_sample: float = 1.0  # the share of answers scored
-    retention: Retention = field(default_factory=Retention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,7 +246,6 @@ class Settings:
             auto_promote=bool(data.get("auto_promote", False)),
             evaluators=list(data.get("evaluators") or []),
             eval_sample=float(data.get("eval_sample", 1.0)),
-            retention=Retention(**(data.get("retention") or {})),
         )
 
 
@@ -301,12 +290,9 @@ def parse_settings(
     auto_promote: bool = False,
     evaluators: list[str] | None = None,
     eval_sample: Any = 1.0,
-    retention_days: Any = None,
-    retention_responses: Any = None,
 ) -> Settings:
     """Checked settings: every guardrail on a known metric with a margin that is a number >= 0 (a
-    guardrail on a live evaluator adds that evaluator), a sample share in (0, 1], a retention that
-    is positive."""
+    guardrail on a live evaluator adds that evaluator), a sample share in (0, 1]."""
     chosen = list(dict.fromkeys(evaluators or []))
     for name in chosen:
         check_evaluator(name)
@@ -333,18 +319,11 @@ def parse_settings(
     sample = _number("eval_sample", eval_sample)
     if not 0 < sample <= 1:
         raise ExperimentError(f"eval_sample is the share of answers scored, in (0, 1]; got {sample:g}")
-    days = None if retention_days is None else _number("retention days", retention_days)
-    if days is not None and days <= 0:
-        raise ExperimentError(f"retention days must be positive, got {days:g}")
-    count = None if retention_responses is None else _number("retention responses", retention_responses)
-    if count is not None and (count < 1 or count != int(count)):
-        raise ExperimentError(f"retention responses must be a whole number >= 1, got {count:g}")
     return Settings(
         guardrails=rails,
         auto_promote=bool(auto_promote),
         evaluators=chosen,
         eval_sample=sample,
-        retention=Retention(days, None if count is None else int(count)),
     )
 
 

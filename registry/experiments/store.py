@@ -148,7 +148,7 @@ class Experiments:
         settings: Settings | None = None,
     ) -> Experiment:
         """Start an experiment on the public name ``tenant/name`` (``settings``: its guardrails,
-        auto-promote, live evaluators and retention, checked by ``parse_settings``)."""
+        auto-promote and live evaluators, checked by ``parse_settings``)."""
         settings = settings or Settings()
         adapter = parse_adapter(name)
         if not candidates:

@@ -32,12 +32,6 @@ class GuardrailBody(BaseModel):
     margin: Any = Field(description="how much worse is tolerated (see docs/api.md)")
 
 
-class RetentionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    days: Any = None
-    max_responses: Any = None
-
-
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the public name tenant/name that clients call")
@@ -48,7 +42,6 @@ class CreateBody(BaseModel):
     auto_promote: bool = False
     evaluators: list[str] = Field(default_factory=list, description="reference-free live evaluators")
     eval_sample: Any = Field(default=1.0, description="the share of answers the evaluators score")
-    retention: RetentionBody | None = None
 
 
 class WeightBody(BaseModel):
@@ -102,14 +95,11 @@ def router(traffic: Traffic, metrics: Metrics) -> APIRouter:
     async def create(body: CreateBody, who: Caller) -> dict[str, Any]:
         name = owned(body.name, who)
         candidates = [(c.ref, c.weight) for c in body.candidates]
-        retention = body.retention or RetentionBody()
         settings = parse_settings(
             [(g.metric, g.margin) for g in body.guardrails],
             auto_promote=body.auto_promote,
             evaluators=body.evaluators,
             eval_sample=body.eval_sample,
-            retention_days=retention.days,
-            retention_responses=retention.max_responses,
         )
         experiment = await asyncio.to_thread(
             store.create, name, body.control, candidates, body.shadow, _actor(who), settings

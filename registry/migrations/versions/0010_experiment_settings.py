@@ -1,4 +1,4 @@
-"""An experiment keeps its settings (guardrails, auto-promote, live evaluators, retention; null:
+"""An experiment keeps its settings (guardrails, auto-promote, live evaluators; null:
 none, as every experiment before it), and each recorded response the scores of the live
 evaluators that judged it (null: not sampled).
 
