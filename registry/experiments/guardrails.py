@@ -27,14 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from adapterdeck.registry.experiments.model import CANDIDATE, Experiment, Guardrail
-from adapterdeck.registry.experiments.stats import ALPHA, MIN_SAMPLES, always_valid
+from adapterdeck.registry.experiments.stats import ALPHA, MIN_SAMPLES, always_valid, quantile
 
 BREACHED, HOLDS, NOT_ENOUGH = "breached", "holds", "not enough data"
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _series(rows: Sequence[Any], variant: str, metric: str) -> tuple[list[float], list[int]]:
@@ -72,18 +67,18 @@ def check(rail: Guardrail, rows: Sequence[Any], control: str, candidate: str) ->
     out["control_value"] = out["value"] = None
     if a:
         out["control_value"] = round(
-            _quantile(a, 0.95) if rail.metric == "latency_p95" else sum(a) / len(a), 4
+            quantile(a, 0.95) if rail.metric == "latency_p95" else sum(a) / len(a), 4
         )
     if b:
-        out["value"] = round(_quantile(b, 0.95) if rail.metric == "latency_p95" else sum(b) / len(b), 4)
+        out["value"] = round(quantile(b, 0.95) if rail.metric == "latency_p95" else sum(b) / len(b), 4)
     if len(a) < MIN_SAMPLES or len(b) < MIN_SAMPLES:
         return {**out, "status": NOT_ENOUGH, "p": None, "ci": None}
     if rail.metric == "latency_p95":
-        threshold = (1 + rail.margin) * _quantile(a, 0.95)
+        threshold = (1 + rail.margin) * quantile(a, 0.95)
         p, ci, _ = always_valid(
             [float(x > threshold) for x in a], a_at, [float(x > threshold) for x in b], b_at, True
         )
-        breached = ci is not None and ci[0] > 0 and _quantile(b, 0.95) > threshold
+        breached = ci is not None and ci[0] > 0 and quantile(b, 0.95) > threshold
         out["threshold_ms"] = round(threshold, 1)
     else:
         binary = all(x in (0.0, 1.0) for x in (*a, *b))

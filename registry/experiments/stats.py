@@ -245,10 +245,8 @@ class Stats:
                 self.score_at.append(at)
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-
         def pct(q: float) -> float | None:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+            return quantile(self.latencies, q) if self.latencies else None
 
         return {
             "requests": self.requests,
@@ -261,6 +259,12 @@ class Stats:
             "feedback": len(self.scores),
             "mean_score": round(sum(self.scores) / len(self.scores), 4) if self.scores else None,
         }
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (not empty): the value at rank ``int(q * n)``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _p(value: float) -> str:

@@ -355,10 +355,10 @@ class Experiments:
                 self.promote(name, decision["variant"], actor="auto-promote", reason=decision["reason"])
         except NotFound:
             return None  # ended meanwhile, by another gateway or by hand
-        except ExperimentError as exc:  # e.g. the winner is the base: prod cannot point at it
+        except ExperimentError:  # e.g. the winner is the base: prod cannot point at it
             if decision["decision"] == "promote":
                 return None
-            raise exc
+            raise
         return decision
 
     # -- internals -----------------------------------------------------------------------------
