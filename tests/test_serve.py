@@ -369,9 +369,10 @@ def test_a_guardrail_breach_rolls_a_live_experiment_back(serving: Serving) -> No
         bad = httpx.post(url, json={**body, "guardrails": rails}, headers=acme, timeout=30)
         assert bad.status_code == 400 and says in bad.json()["error"]["message"], bad.text
     rails = [{"metric": "json_valid", "margin": 0.1}, {"metric": "error_rate", "margin": 0.05}]
-    created = httpx.post(url, json={**body, "guardrails": rails}, headers=acme, timeout=30)
+    created = httpx.post(url, json={**body, "guardrails": rails, "shadow": "base"}, headers=acme, timeout=30)
     assert created.status_code == 201, created.text
     assert created.json()["settings"]["evaluators"] == ["json_valid"]  # named by a guardrail
+    assert created.json()["shadow"]["name"] == "base"
 
     client = serving.client("acme")
     messages = [{"role": "system", "content": SUPPORT}, {"role": "user", "content": PROMPTS[0]}]
@@ -387,7 +388,18 @@ def test_a_guardrail_breach_rolls_a_live_experiment_back(serving: Serving) -> No
         assert sent < 400, "the guardrail never fired"
     print(f"json_valid guardrail: the experiment was rolled back after {sent} requests, "
           f"{by_candidate} of them answered by the candidate")  # fmt: skip
-    report = httpx.get(f"{url}/acme/support", headers=acme, timeout=30).json()
+    # The shadow (the base, never answering) was judged by the live evaluator too: its copies are
+    # scored when the gateway writes them, and the last ones may still be on their way.
+    deadline = time.monotonic() + 30
+    while True:
+        report = httpx.get(f"{url}/acme/support", headers=acme, timeout=30).json()
+        shadowed = report["live_evaluators"]["base"]["json_valid"]["scored"]
+        if report["shadow"]["requests"] >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"the shadow (base): {report['shadow']['requests']} copies, {shadowed} scored by json_valid, "
+          f"mean {report['live_evaluators']['base']['json_valid']['mean']}")  # fmt: skip
+    assert shadowed >= 10, report["live_evaluators"]
     assert report["status"] == "stopped"
     stop = report["history"][-1]
     assert stop["action"] == "stop" and stop["by"] == "guardrail", stop

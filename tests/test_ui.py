@@ -26,6 +26,7 @@ import yaml
 from adapterdeck.core.demo import write_demo_dataset
 from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.tenants import create_key
+from adapterdeck.serve.ui.render import number
 
 from .conftest import free_port
 from .gateway_helpers import ServeProcess, launch, wait_ready
@@ -317,8 +318,10 @@ def test_moving_an_alias_asks_first_and_needs_the_admin(browser: Any, ui: Ui) ->
     admin.context.close()
 
 
-def _experiment_traffic(ui: Ui, n: int = 40) -> None:
-    definition = {"name": f"{A}/reply", "control": "v1", "candidates": [{"ref": "v2", "weight": 50}]}
+def _experiment_traffic(ui: Ui, n: int = 40, **settings: Any) -> None:
+    definition = {
+        "name": f"{A}/reply", "control": "v1", "candidates": [{"ref": "v2", "weight": 50}], **settings
+    }  # fmt: skip
     created = ui.api("POST", "/v1/experiments", json=definition)
     assert created.status_code == 201, created.text
     for i in range(n):
@@ -350,8 +353,25 @@ class _Forger(BaseHTTPRequestHandler):
         pass
 
 
+RAILS = [{"metric": "error_rate", "margin": 0.05}, {"metric": "json_valid", "margin": 0.1}]
+
+
+def _scored_report(ui: Ui, evaluator: str, timeout: float = 30) -> dict[str, Any]:
+    """The experiment's report once the live evaluator has scored answers of every variant (the
+    gateway scores them when it writes the requests, in its flush)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = ui.api("GET", f"/v1/experiments/{A}/reply").json()
+        live = report["live_evaluators"]
+        if live and all(scores[evaluator]["scored"] > 0 for scores in live.values()):
+            return report
+        assert time.monotonic() < deadline, f"no live {evaluator} scores after {timeout} s: {live}"
+        time.sleep(0.5)
+
+
 def test_an_experiment_page_shows_the_verdict_and_its_actions_work(browser: Any, ui: Ui) -> None:
-    _experiment_traffic(ui)
+    _experiment_traffic(ui, guardrails=RAILS, evaluators=["json_valid"], eval_sample=1.0)
+    report = _scored_report(ui, "json_valid")
     s = sign_in(browser, ui, A)
     s.visit(f"{ui.url}/ui/experiments")
     s.page.get_by_role("link", name=f"{A}/reply").click()
@@ -359,6 +379,35 @@ def test_an_experiment_page_shows_the_verdict_and_its_actions_work(browser: Any,
     assert s.page.inner_text("#verdict").startswith(("v2 better than v1", "no significant difference"))
     assert s.page.locator("#variants tbody tr").count() == 2
     assert s.page.locator(".chart canvas").count() == 2  # the traffic split and the ratings
+    # The ratings' always-valid figures (what the verdict rests on) beside the fixed-horizon p.
+    seq = report["variants"][1]["vs_control"]["sequential"]
+    candidate = s.page.inner_text("#variants tbody tr:nth-child(2)")
+    assert f"ratings: always-valid p={number(seq['feedback_p'])}, 95% CI [" in candidate, (seq, candidate)
+    assert "fixed-horizon" in candidate
+    # One row per (candidate, guardrail), each with its status; none breached (the page is live).
+    rails = s.page.locator("#guardrails tbody tr")
+    assert rails.count() == len(RAILS) == len(report["guardrails"])
+    for i, rail in enumerate(report["guardrails"]):
+        cells = rails.nth(i).locator("td").all_inner_texts()
+        assert cells[:3] == [rail["metric"], "v2", number(rail["margin"])], cells
+        assert cells[-1] == rail["status"] and rail["status"] in ("holds", "not enough data"), rail
+    # The live evaluator's mean and number scored, per variant.
+    live = s.page.locator("#live-evaluators tbody tr")
+    assert live.count() == 2 and "json_valid (mean, scored)" in s.page.inner_text("#live-evaluators thead")
+    for i, (variant, scores) in enumerate(report["live_evaluators"].items()):
+        cells = live.nth(i).locator("td").all_inner_texts()
+        figures = scores["json_valid"]
+        assert cells == [variant, f"{number(figures['mean'])} ({figures['scored']})"], (cells, figures)
+        assert figures["scored"] > 0
+    # The sample ratio check: the split matches the weights, with its p.
+    srm = report["srm"]
+    assert srm["p"] is not None and not srm["mismatch"], srm
+    assert s.page.inner_text("#srm") == (
+        f"Sample ratio: the requests split as the weights say (p={number(srm['p'])})."
+    )
+    print(f"experiment page: guardrails {[g['status'] for g in report['guardrails']]}, "
+          f"live json_valid {report['live_evaluators']}, srm {srm['observed']} p={srm['p']:.3g}, "
+          f"always-valid p={seq['feedback_p']:.3g}")  # fmt: skip
     s.shot("experiment")
     s.no_console_errors()
 
