@@ -140,8 +140,11 @@ experiments = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("ended_at", DateTime(timezone=True)),
     # {"guardrails": [{"metric": ..., "margin": ...}], "auto_promote": bool, "evaluators": [...],
-    # "eval_sample": fraction} (see registry/experiments/model.py); null: none.
+    # "eval_sample": fraction, "retention": {...}} (see registry/experiments/model.py); null: none.
     Column("settings", JSON),
+    # What retention kept of the responses it deleted (registry/experiments/retention.py); null:
+    # nothing deleted.
+    Column("pruned", JSON),
 )
 
 experiment_events = Table(

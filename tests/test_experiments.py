@@ -296,17 +296,18 @@ def _wait_until(predicate, timeout: float = 5.0) -> float:
 
 
 def test_an_experiment_end_to_end_with_feedback_and_a_verdict(stack: Stack, gateway: Gateway) -> None:
-    created = gateway.api(
-        "POST",
-        "/v1/experiments",
-        json={
-            "name": "acme/chat",
-            "control": "v1",
-            "candidates": [{"ref": "v2", "weight": 50}],
-            "shadow": "v3",
-        },
-    )
+    definition = {
+        "name": "acme/chat",
+        "control": "v1",
+        "candidates": [{"ref": "v2", "weight": 50}],
+        "shadow": "v3",
+    }
+    for retention, says in (({"max_age": -3600}, "must be above 0"), ({"max_responses": 0}, ">= 1")):
+        bad = gateway.api("POST", "/v1/experiments", json={**definition, "retention": retention})
+        assert bad.status_code == 400 and says in bad.json()["error"]["message"], bad.text
+    created = gateway.api("POST", "/v1/experiments", json={**definition, "retention": {"max_age": "7d"}})
     assert created.status_code == 201, created.text
+    assert created.json()["settings"]["retention"] == {"max_age": 604800.0, "max_responses": None}
     # Another tenant can neither see nor manage it (the same 404 as an unknown experiment).
     assert gateway.api("GET", "/v1/experiments/acme/chat", who="globex").status_code == 404
     assert gateway.api("POST", "/v1/experiments/acme/chat/stop", who="globex").status_code == 404
@@ -373,7 +374,34 @@ def test_an_experiment_end_to_end_with_feedback_and_a_verdict(stack: Stack, gate
 
 def test_cli_changes_are_live_within_a_second_and_survive_a_restart(stack: Stack, gateway: Gateway) -> None:
     env = {"ADAPTERDECK_HOME": str(stack.home)}
-    _cli(["experiment", "create", "acme/chat", "--control", "v1", "--candidate", "v3=0"], env=env)
+    refused = run_cli(
+        "experiment",
+        "create",
+        "acme/chat",
+        "--control",
+        "v1",
+        "--candidate",
+        "v3=0",
+        "--keep-for=-2d",
+        env=env,
+    )
+    assert refused.returncode != 0 and "must be above 0" in refused.stderr + refused.stdout
+    _cli(
+        [
+            "experiment",
+            "create",
+            "acme/chat",
+            "--control",
+            "v1",
+            "--candidate",
+            "v3=0",
+            "--keep-responses",
+            "5000",
+        ],
+        env=env,
+    )
+    pruned = _cli(["experiment", "prune", "acme/chat"], env=env).stdout
+    assert "0 responses folded into the aggregates" in pruned, pruned
     _wait_until(lambda: gateway.call("someone")[2] == "v1")
     users = [f"u{i}" for i in range(40)]
     assert {gateway.call(u)[2] for u in users} == {"v1"}

@@ -1,24 +1,30 @@
-"""An experiment's own rules on a real SQLite registry: guardrails checked with the always-valid
-test, the live evaluators' scores per variant, rollback on a breach, auto-promote on a win, and
-the settings refused with the reason."""
+"""An experiment's own rules on a real SQLite registry (and PostgreSQL for retention): guardrails
+checked with the always-valid test, the live evaluators' scores per variant, rollback on a breach,
+auto-promote on a win, retention that deletes old responses with the report unchanged, and the
+settings refused with the reason."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from adapterdeck.registry import Registry, RegistrySettings
+from adapterdeck.registry.errors import NotFound
 from adapterdeck.registry.experiments import ExperimentError, Experiments
-from adapterdeck.registry.experiments.model import parse_guardrail, parse_settings
+from adapterdeck.registry.experiments.model import parse_guardrail, parse_retention, parse_settings
 from adapterdeck.registry.refs import parse_ref
 
-from .registry_helpers import claim_vllm, make_lora
+from .registry_helpers import claim_vllm, make_lora, postgres_database
 
 TICKS = itertools.count()  # each recorded response a millisecond after the one before
 
@@ -29,18 +35,32 @@ def lora_dirs(base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> lis
     return [claim_vllm(make_lora(base_model, root / f"a{i}", seed=60 + i), base_model) for i in range(2)]
 
 
-@pytest.fixture
-def store(tmp_path: Path, lora_dirs: list[Path]) -> Iterator[Experiments]:
-    registry = Registry(RegistrySettings(home=tmp_path / "home"))
+def _store(home: Path, lora_dirs: list[Path], url: str | None = None) -> Experiments:
+    registry = Registry(RegistrySettings(home=home, database_url=url))
     for path in lora_dirs:
         registry.publish(path, "acme/support")  # v1, v2
     registry.set_alias("acme/support", "prod", 1)
-    yield Experiments(registry)
-    registry.close()
+    return Experiments(registry)
+
+
+@pytest.fixture
+def store(tmp_path: Path, lora_dirs: list[Path]) -> Iterator[Experiments]:
+    experiments = _store(tmp_path / "home", lora_dirs)
+    yield experiments
+    experiments.registry.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path, lora_dirs: list[Path]) -> Iterator[Experiments]:
+    with postgres_database() if request.param == "postgresql" else nullcontext() as url:
+        experiments = _store(tmp_path / "home", lora_dirs, url)
+        yield experiments
+        experiments.registry.close()
 
 
 def _rows(store: Experiments, variant: str, n: int, *, status: int = 200, evals=None, score=None, **kw):
-    """Record ``n`` served responses of ``variant`` of the running acme/support experiment."""
+    """Record ``n`` served responses of ``variant`` of the running acme/support experiment
+    (``shadow=1``: shadowed ones; ``at``: when, else now); their ids."""
     experiment = store.get("acme/support")
     rows = []
     for _ in range(n):
@@ -49,7 +69,7 @@ def _rows(store: Experiments, variant: str, n: int, *, status: int = 200, evals=
                 "response_id": f"r-{uuid.uuid4().hex}",
                 "experiment_id": experiment.id,
                 "variant": variant,
-                "shadow": 0,
+                "shadow": kw.get("shadow", 0),
                 "status": status,
                 "latency_ms": kw.get("latency", 100),
                 "prompt_tokens": 10,
@@ -57,10 +77,11 @@ def _rows(store: Experiments, variant: str, n: int, *, status: int = 200, evals=
                 "output": None,
                 "evals": evals,
                 "score": score,
-                "at": datetime.now(UTC) + timedelta(milliseconds=next(TICKS)),
+                "at": kw.get("at", datetime.now(UTC)) + timedelta(milliseconds=next(TICKS)),
             }
         )
     store.record(rows)
+    return [r["response_id"] for r in rows]
 
 
 def _interleaved(store: Experiments, sides: dict[str, dict], n: int) -> None:
@@ -81,6 +102,12 @@ def test_settings_are_refused_with_the_reason() -> None:
         (lambda: parse_settings(evaluators=["nope"]), "unknown evaluator 'nope'"),
         (lambda: parse_settings(eval_sample=0), "in (0, 1]"),
         (lambda: parse_guardrail("error_rate"), "expected METRIC=MARGIN"),
+        (lambda: parse_retention(max_age=-5), "must be above 0"),
+        (lambda: parse_retention(max_age="-2d"), "must be above 0"),
+        (lambda: parse_retention(max_age="a week"), "expected seconds or a duration"),
+        (lambda: parse_retention(max_responses=-1), "a whole number >= 1"),
+        (lambda: parse_retention(max_responses=2.5), "a whole number >= 1"),
+        (lambda: parse_retention(max_responses="many"), "expected a number"),
     ]
     for make, says in cases:
         with pytest.raises(ExperimentError) as err:
@@ -158,3 +185,118 @@ def test_a_forced_sample_ratio_mismatch_marks_the_results_untrustworthy(store: E
     assert report["srm"]["mismatch"] and report["trustworthy"] is False
     assert report["verdict"].startswith("untrustworthy: sample ratio mismatch")
     assert store.enforce("acme/support") is None  # a win on broken assignment is not promoted
+
+
+# -- retention -------------------------------------------------------------------------------------
+
+
+def _same(before: Any, after: Any, where: str = "report") -> None:
+    """The two reports agree: the same keys and values, numbers up to rounding."""
+    if isinstance(before, dict):
+        assert isinstance(after, dict) and before.keys() == after.keys(), where
+        for key in before:
+            _same(before[key], after[key], f"{where}.{key}")
+    elif isinstance(before, list):
+        assert isinstance(after, list) and len(before) == len(after), where
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            _same(b, a, f"{where}[{i}]")
+    elif isinstance(before, float) and isinstance(after, float) and math.isfinite(before):
+        assert after == pytest.approx(before, rel=1e-9, abs=1e-12), where
+    else:
+        assert before == after, where
+
+
+def _comparable(report: dict[str, Any]) -> dict[str, Any]:
+    """A report without what pruning is meant to change: the pruning's own figures, the latency
+    guardrail's p (the pruned prefix is one look), the timeline's places (by the minute), the
+    shadow's recent outputs."""
+    out = {k: v for k, v in report.items() if k not in ("pruned", "timeline")}
+    out["shadow"] = {k: v for k, v in report["shadow"].items() if k != "recent_outputs"}
+    out["guardrails"] = [{k: v for k, v in g.items() if g["metric"] != "latency_p95" or k not in ("p", "ci")}
+                         for g in report["guardrails"]]  # fmt: skip
+    return out
+
+
+def _traffic(store: Experiments, rng: random.Random, n: int) -> None:
+    """``n`` rounds of mixed traffic: both variants with ratings, errors, latencies, tokens and live
+    scores, the shadow beside them; v2 a little better rated and a little worse on JSON."""
+    for _ in range(n):
+        for variant, up, valid in (("v1", 0.4, 0.95), ("v2", 0.6, 0.85)):
+            _rows(
+                store,
+                variant,
+                1,
+                status=500 if rng.random() < 0.05 else 200,
+                latency=rng.randint(80, 400),
+                tokens=rng.randint(10, 40),
+                score=float(rng.random() < up) if rng.random() < 0.6 else None,
+                evals={"json_valid": float(rng.random() < valid)} if rng.random() < 0.8 else None,
+            )
+        _rows(store, "base", 1, shadow=1, latency=rng.randint(50, 90), evals={"json_valid": 0.0})
+
+
+def test_retention_deletes_old_responses_and_the_report_stays_the_same(any_store: Experiments) -> None:
+    store = any_store
+    rails = [("error_rate", 0.05), ("completion_tokens", 0.5), ("latency_p95", 0.5), ("json_valid", 0.5)]
+    settings = parse_settings(rails, retention=parse_retention(max_responses=150))
+    store.create("acme/support", "v1", [("v2", 50)], shadow="base", settings=settings)
+    rng = random.Random(5)
+    _traffic(store, rng, 150)  # 450 responses, 300 served
+    rated = [r for r in store.report("acme/support")["variants"] if r["feedback"]]
+    assert len(rated) == 2
+    later = datetime.now(UTC) + timedelta(minutes=5)  # every response past the grace period
+    before = store.report("acme/support")
+    with store.engine.connect() as conn:
+        oldest = conn.execute(
+            text("SELECT response_id FROM experiment_responses WHERE shadow = 0 ORDER BY at LIMIT 1")
+        ).scalar()
+    assert store.prune("acme/support", at=later) == 300
+    after = store.report("acme/support")
+    assert after["pruned"]["responses"] == 300 and before["pruned"] is None
+    _same(_comparable(before), _comparable(after))
+    seq = after["variants"][1]["vs_control"]["sequential"]
+    assert seq["feedback_p"] is not None and seq["errors_ci"] is not None
+    for name in ("v1", "v2"):  # the timeline holds the same requests, placed by the minute
+        assert sum(before["timeline"]["variants"][name]["requests"]) == 150
+        assert sum(after["timeline"]["variants"][name]["requests"]) == 150
+    assert store.prune("acme/support", at=later) == 0  # nothing more to delete
+    # A rating for a deleted response is refused as unknown; the kept ones still take ratings.
+    with pytest.raises(NotFound):
+        store.feedback(oldest, 1.0, "acme")
+
+    # More traffic, a second pruning: the stored aggregates and the kept responses go on together.
+    _traffic(store, rng, 100)
+    before = store.report("acme/support")
+    assert store.prune("acme/support", at=later + timedelta(minutes=5)) == 300
+    after = store.report("acme/support")
+    assert after["pruned"]["responses"] == 600
+    _same(_comparable(before), _comparable(after))
+    assert after["variants"][0]["requests"] == 250 and after["shadow"]["requests"] == 250
+    latency = [g for g in after["guardrails"] if g["metric"] == "latency_p95"]
+    assert (
+        latency
+        and latency[0]["control_value"]
+        == next(g for g in before["guardrails"] if g["metric"] == "latency_p95")["control_value"]
+    )
+
+
+def test_retention_by_age_keeps_the_young_and_never_the_grace_period(store: Experiments) -> None:
+    settings = parse_settings(retention=parse_retention(max_age="1h"))
+    store.create("acme/support", "v1", [("v2", 50)], settings=settings)
+    now = datetime.now(UTC)
+    old = _rows(store, "v1", 30, at=now - timedelta(hours=2), score=1.0)
+    young = _rows(store, "v2", 20, at=now - timedelta(minutes=30), score=0.0)
+    assert store.prune("acme/support", at=now) == 30
+    report = store.report("acme/support")
+    assert [v["requests"] for v in report["variants"]] == [30, 20]
+    assert [v["mean_score"] for v in report["variants"]] == [1.0, 0.0]
+    with pytest.raises(NotFound):
+        store.feedback(old[0], 0.0, None)
+    assert store.feedback(young[0], 1.0, None)["variant"] == "v2"
+    # A count of 1 still keeps every response of the last minute (gateways flush late, users rate).
+    store.stop("acme/support")
+    store.create("acme/support", "v1", [("v2", 50)], settings=parse_settings(
+        retention=parse_retention(max_responses=1)))  # fmt: skip
+    _rows(store, "v1", 10)
+    assert store.prune("acme/support") == 0
+    assert store.prune("acme/support", at=datetime.now(UTC) + timedelta(minutes=2)) == 9

@@ -61,9 +61,24 @@ def create(
         typer.Option(help="A reference-free evaluator (e.g. json_valid) scored on live answers. Repeatable."),
     ] = None,
     eval_sample: Annotated[float, typer.Option(help="The share of answers the evaluators score.")] = 1.0,
+    keep_for: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep each recorded response this long (seconds or 90s, 30m, 12h, 7d); older ones "
+            "are folded into the aggregates and deleted."
+        ),
+    ] = None,
+    keep_responses: Annotated[
+        int | None, typer.Option(help="Keep at most this many recorded responses (the newest).")
+    ] = None,
 ) -> None:
     """Start an experiment: the control gets the traffic the candidates' weights leave."""
-    from adapterdeck.registry.experiments.model import parse_candidate, parse_guardrail, parse_settings
+    from adapterdeck.registry.experiments.model import (
+        parse_candidate,
+        parse_guardrail,
+        parse_retention,
+        parse_settings,
+    )
 
     candidates = [parse_candidate(c) for c in candidate]
     settings = parse_settings(
@@ -71,6 +86,7 @@ def create(
         auto_promote=auto_promote,
         evaluators=evaluate,
         eval_sample=eval_sample,
+        retention=parse_retention(keep_for, keep_responses),
     )
     _print_definition(_store(ctx).create(name, control, candidates, shadow, settings=settings))
 
@@ -103,6 +119,25 @@ def stop(ctx: typer.Context, name: Name) -> None:
     """End the experiment: all traffic goes back to the control."""
     experiment = _store(ctx).stop(name)
     out.print(f"stopped: all traffic of {name} goes to {experiment.control.name} again")
+
+
+@app.command()
+def prune(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Only this experiment (tenant/name).")] = None,
+) -> None:
+    """Apply the experiments' retention now (gateways do it every minute for running ones): fold
+    responses older than it keeps into the aggregates and delete them; reports stay the same."""
+    store = _store(ctx)
+    if name is None:
+        done = store.prune_all()
+    else:
+        experiment = store.get(name)
+        done = {f"{experiment.adapter}#{experiment.id}": store.prune(name, experiment_id=experiment.id)}
+    if not done:
+        out.print("no experiment has a retention set (experiment create --keep-for / --keep-responses)")
+    for which, deleted in done.items():
+        out.print(f"{which}: {deleted} responses folded into the aggregates and deleted")
 
 
 @app.command("list")

@@ -24,23 +24,28 @@ sequential verdict) while every guardrail holds.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterdeck.registry.experiments.model import CANDIDATE, Experiment, Guardrail
-from adapterdeck.registry.experiments.stats import ALPHA, MIN_SAMPLES, always_valid, quantile
+from adapterdeck.registry.experiments.stats import ALPHA, MIN_SAMPLES, Moments, Run, always_valid, quantile
+
+if TYPE_CHECKING:
+    from adapterdeck.registry.experiments.retention import Pruned
 
 BREACHED, HOLDS, NOT_ENOUGH = "breached", "holds", "not enough data"
 
 
-def _series(rows: Sequence[Any], variant: str, metric: str) -> tuple[list[float], list[int]]:
-    """One variant's observations of ``metric`` (served requests, not the shadow's) with their
-    places in the time order of ``rows``."""
+def series(rows: Sequence[Any], variant: str, metric: str) -> tuple[list[float], list[int]]:
+    """One variant's observations of ``metric`` (served requests, not the shadow's; ``score``: the
+    ratings) with their places in the time order of ``rows``."""
     values, places = [], []
     for i, row in enumerate(rows):
         if row.shadow or row.variant != variant:
             continue
-        if metric == "error_rate":
-            value: float | None = float(row.status >= 500)
+        if metric == "score":
+            value: float | None = row.score
+        elif metric == "error_rate":
+            value = float(row.status >= 500)
         elif metric == "completion_tokens":
             value = float(row.completion_tokens) if row.status < 400 else None
         elif metric == "latency_p95":
@@ -59,34 +64,61 @@ def _higher_is_better(metric: str) -> bool:
     return bool(type(catalog().evaluator(metric)).higher_is_better)
 
 
-def check(rail: Guardrail, rows: Sequence[Any], control: str, candidate: str) -> dict[str, Any]:
-    """One guardrail for one candidate: its figures and ``status`` (breached, holds, not enough data)."""
-    a, a_at = _series(rows, control, rail.metric)
-    b, b_at = _series(rows, candidate, rail.metric)
+def _over(counts: dict[int, int], threshold: float) -> Moments:
+    """0/1 moments of the latencies counted in ``counts`` ({ms: count}): 1 for those above."""
+    n = sum(counts.values())
+    k = sum(c for ms, c in counts.items() if ms > threshold)
+    if not n:
+        return Moments()
+    return Moments(n, float(k), float(k), 0.0 if k < n else 1.0, 1.0 if k else 0.0)
+
+
+def check(
+    rail: Guardrail, rows: Sequence[Any], control: str, candidate: str, pruned: Pruned | None = None
+) -> dict[str, Any]:
+    """One guardrail for one candidate: its figures and ``status`` (breached, holds, not enough
+    data); ``pruned``: what retention kept of the responses it deleted."""
+    a, a_at = series(rows, control, rail.metric)
+    b, b_at = series(rows, candidate, rail.metric)
     out: dict[str, Any] = {"metric": rail.metric, "margin": rail.margin, "variant": candidate}
     out["control_value"] = out["value"] = None
-    if a:
-        out["control_value"] = round(
-            quantile(a, 0.95) if rail.metric == "latency_p95" else sum(a) / len(a), 4
-        )
-    if b:
-        out["value"] = round(quantile(b, 0.95) if rail.metric == "latency_p95" else sum(b) / len(b), 4)
-    if len(a) < MIN_SAMPLES or len(b) < MIN_SAMPLES:
+    latency = rail.metric == "latency_p95"
+    run: Run | None = None
+    if latency:  # the pruned latencies are counted, not ordered: one look at the pruned prefix
+        held_a = pruned.ok_latency(control) if pruned is not None else {}
+        held_b = pruned.ok_latency(candidate) if pruned is not None else {}
+        n_a, n_b = len(a) + sum(held_a.values()), len(b) + sum(held_b.values())
+        if n_a:
+            out["control_value"] = round(quantile(a, 0.95, held_a), 4)
+        if n_b:
+            out["value"] = round(quantile(b, 0.95, held_b), 4)
+    else:
+        run = pruned.run(candidate, rail.metric) if pruned is not None else None
+        mine, theirs = Moments.of(a), Moments.of(b)
+        if run is not None:
+            mine, theirs = run.control.merged(mine), run.candidate.merged(theirs)
+        n_a, n_b = mine.n, theirs.n
+        if n_a:
+            out["control_value"] = round(mine.total / n_a, 4)
+        if n_b:
+            out["value"] = round(theirs.total / n_b, 4)
+    if n_a < MIN_SAMPLES or n_b < MIN_SAMPLES:
         return {**out, "status": NOT_ENOUGH, "p": None, "ci": None}
-    if rail.metric == "latency_p95":
-        threshold = (1 + rail.margin) * quantile(a, 0.95)
+    if latency:
+        threshold = (1 + rail.margin) * quantile(a, 0.95, held_a)
+        start = Run.once(_over(held_a, threshold), _over(held_b, threshold)) if held_a or held_b else None
         p, ci, _ = always_valid(
-            [float(x > threshold) for x in a], a_at, [float(x > threshold) for x in b], b_at, True
+            [float(x > threshold) for x in a], a_at, [float(x > threshold) for x in b], b_at, True, start
         )
-        breached = ci is not None and ci[0] > 0 and quantile(b, 0.95) > threshold
+        breached = ci is not None and ci[0] > 0 and quantile(b, 0.95, held_b) > threshold
         out["threshold_ms"] = round(threshold, 1)
     else:
-        binary = all(x in (0.0, 1.0) for x in (*a, *b))
-        p, ci, _ = always_valid(a, a_at, b, b_at, binary)
+        binary = mine.nonbinary == 0 and theirs.nonbinary == 0
+        p, ci, _ = always_valid(a, a_at, b, b_at, binary, run)
         if rail.metric == "error_rate":
             breached = ci is not None and ci[0] > rail.margin
         elif rail.metric == "completion_tokens":
-            breached = ci is not None and ci[0] > rail.margin * (sum(a) / len(a))
+            breached = ci is not None and ci[0] > rail.margin * (mine.total / mine.n)
         elif _higher_is_better(rail.metric):
             breached = ci is not None and ci[1] < -rail.margin
         else:
@@ -95,14 +127,16 @@ def check(rail: Guardrail, rows: Sequence[Any], control: str, candidate: str) ->
     return {**out, "status": BREACHED if breached else HOLDS, "p": p, "ci": ci_out}
 
 
-def judge(experiment: Experiment, rows: Sequence[Any], report: dict[str, Any]) -> dict[str, Any]:
+def judge(
+    experiment: Experiment, rows: Sequence[Any], report: dict[str, Any], pruned: Pruned | None = None
+) -> dict[str, Any]:
     """Every guardrail for every candidate, the live evaluators' means per variant (the shadow's
     too), and the ``decision``: ``rollback`` (a breach; its reason), ``promote`` (auto-promote, a
     candidate that wins with every guardrail holding), or None."""
     settings = experiment.settings
     control = experiment.control.name
     rails = [
-        check(rail, rows, control, v.name)
+        check(rail, rows, control, v.name, pruned)
         for v in experiment.variants
         if v.role == CANDIDATE
         for rail in settings.guardrails
@@ -112,13 +146,15 @@ def judge(experiment: Experiment, rows: Sequence[Any], report: dict[str, Any]) -
     for name in names:
         shadow = experiment.shadow is not None and name == experiment.shadow.name
         scored = [r.evals for r in rows if r.variant == name and bool(r.shadow) == shadow and r.evals]
+        held = pruned.evals(name, shadow) if pruned is not None else {}
         live[name] = {
-            evaluator: {
-                "scored": len(vals),
-                "mean": round(sum(vals) / len(vals), 4) if vals else None,
-            }
+            evaluator: {"scored": m.n, "mean": round(m.total / m.n, 4) if m.n else None}
             for evaluator in settings.evaluators
-            for vals in [[float(s[evaluator]) for s in scored if evaluator in s]]
+            for m in [
+                held.get(evaluator, Moments()).merged(
+                    Moments.of(float(s[evaluator]) for s in scored if evaluator in s)
+                )
+            ]
         }
     decision = None
     breach = next((r for r in rails if r["status"] == BREACHED), None)

@@ -227,6 +227,19 @@ class Guardrail:
 
 
 @dataclass
+class Retention:
+    """How long an experiment keeps each recorded response (``experiment_responses``): at most
+    ``max_age`` seconds, at most ``max_responses`` of them (None: no bound). What is deleted is
+    folded into the experiment's aggregates first, so its report stays the same (retention.py)."""
+
+    max_age: float | None = None
+    max_responses: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.max_age is not None or self.max_responses is not None
+
+
+@dataclass
 class Settings:
     guardrails: list[Guardrail] = field(default_factory=list)
     #: Promote the candidate when it wins on the ratings and every guardrail holds.
@@ -234,6 +247,7 @@ class Settings:
     #: Reference-free evaluators scored on a sample of every variant's answers (the shadow's too).
     evaluators: list[str] = field(default_factory=list)
     eval_sample: float = 1.0  # the share of answers scored
+    retention: Retention = field(default_factory=Retention)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,6 +260,7 @@ class Settings:
             auto_promote=bool(data.get("auto_promote", False)),
             evaluators=list(data.get("evaluators") or []),
             eval_sample=float(data.get("eval_sample", 1.0)),
+            retention=Retention(**(data.get("retention") or {})),
         )
 
 
@@ -259,6 +274,42 @@ def _number(what: str, value: Any) -> float:
     if not math.isfinite(number):
         raise ExperimentError(f"{what}: expected a finite number, got {value!r}")
     return number
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(what: str, value: Any) -> float:
+    """Seconds from a number of seconds or a duration such as ``90s``, ``30m``, ``12h``, ``7d``, ``2w``;
+    it must be above 0."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text and text[-1] in _UNITS:
+        seconds = _number(what, text[:-1].strip()) * _UNITS[text[-1]]
+    else:
+        try:
+            seconds = _number(what, value)
+        except ExperimentError:
+            raise ExperimentError(
+                f"{what}: expected seconds or a duration such as 90s, 30m, 12h, 7d; got {value!r}"
+            ) from None
+    if seconds <= 0:
+        raise ExperimentError(f"{what}: how long responses are kept must be above 0; got {value!r}")
+    return seconds
+
+
+def parse_retention(max_age: Any = None, max_responses: Any = None) -> Retention:
+    """Checked retention: an age above 0 (seconds or 7d-style), a count that is a whole number >= 1."""
+    age = None if max_age is None else parse_duration("retention max_age", max_age)
+    count = None
+    if max_responses is not None:
+        number = _number("retention max_responses", max_responses)
+        if number != int(number) or number < 1:
+            raise ExperimentError(
+                f"retention max_responses: how many responses are kept, a whole number >= 1; "
+                f"got {max_responses!r}"
+            )
+        count = int(number)
+    return Retention(age, count)
 
 
 def live_evaluators() -> dict[str, Any]:
@@ -290,9 +341,11 @@ def parse_settings(
     auto_promote: bool = False,
     evaluators: list[str] | None = None,
     eval_sample: Any = 1.0,
+    retention: Retention | None = None,
 ) -> Settings:
     """Checked settings: every guardrail on a known metric with a margin that is a number >= 0 (a
-    guardrail on a live evaluator adds that evaluator), a sample share in (0, 1]."""
+    guardrail on a live evaluator adds that evaluator), a sample share in (0, 1], a retention
+    checked by ``parse_retention``."""
     chosen = list(dict.fromkeys(evaluators or []))
     for name in chosen:
         check_evaluator(name)
@@ -324,6 +377,7 @@ def parse_settings(
         auto_promote=bool(auto_promote),
         evaluators=chosen,
         eval_sample=sample,
+        retention=retention or Retention(),
     )
 
 

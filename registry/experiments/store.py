@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, delete, func, select, update
 
 import adapterdeck.registry.schema as t
 from adapterdeck.registry.db import iso, now, write_transaction
@@ -31,6 +32,7 @@ from adapterdeck.registry.experiments.model import (
     check_weight,
     rebalance,
 )
+from adapterdeck.registry.experiments.retention import GRACE_SECONDS, Pruned
 from adapterdeck.registry.experiments.stats import summarize
 from adapterdeck.registry.refs import DEFAULT_ALIAS, InvalidRef, Ref, parse_adapter, parse_ref
 from adapterdeck.registry.registry import Registry
@@ -60,9 +62,30 @@ def _serialize(variants: list[Variant], shadow: Variant | None) -> dict[str, Any
     }
 
 
+_RESPONSE_COLUMNS = (
+    t.experiment_responses.c.variant,
+    t.experiment_responses.c.shadow,
+    t.experiment_responses.c.status,
+    t.experiment_responses.c.latency_ms,
+    t.experiment_responses.c.prompt_tokens,
+    t.experiment_responses.c.completion_tokens,
+    t.experiment_responses.c.score,
+    t.experiment_responses.c.at,
+    t.experiment_responses.c.evals,
+)
+PRUNE_BATCH = 20_000  # responses folded and deleted per transaction
+
 _SELECT = (
     select(
-        t.experiments,
+        t.experiments.c.id,
+        t.experiments.c.status,
+        t.experiments.c.variants,
+        t.experiments.c.winner,
+        t.experiments.c.created_by,
+        t.experiments.c.created_at,
+        t.experiments.c.updated_at,
+        t.experiments.c.ended_at,
+        t.experiments.c.settings,
         t.tenants.c.name.label("tenant"),
         t.adapters.c.name.label("adapter"),
     )
@@ -294,9 +317,11 @@ class Experiments:
             ).first()
             if row is None or row.shadow or (tenant is not None and row.tenant != tenant):
                 raise NotFound(f"no response {response_id!r} served by an experiment")
-            conn.execute(
+            done = conn.execute(
                 update(r).where(r.c.response_id == response_id).values(score=score, feedback_at=now())
             )
+            if not done.rowcount:  # deleted meanwhile by retention
+                raise NotFound(f"no response {response_id!r} served by an experiment")
         experiment = f"{row.tenant}/{row.adapter}"
         return {"response_id": response_id, "experiment": experiment, "variant": row.variant, "score": score}
 
@@ -305,18 +330,15 @@ class Experiments:
         experiment = self.get(name)
         r = t.experiment_responses
         with self.engine.connect() as conn:
+            if self._postgres:  # one snapshot: a pruning between the two reads would count rows twice
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            pruned = Pruned.from_dict(
+                conn.execute(
+                    select(t.experiments.c.pruned).where(t.experiments.c.id == experiment.id)
+                ).scalar()
+            )
             rows = conn.execute(
-                select(
-                    r.c.variant,
-                    r.c.shadow,
-                    r.c.status,
-                    r.c.latency_ms,
-                    r.c.prompt_tokens,
-                    r.c.completion_tokens,
-                    r.c.score,
-                    r.c.at,
-                    r.c.evals,
-                )
+                select(*_RESPONSE_COLUMNS)
                 .where(r.c.experiment_id == experiment.id)
                 .order_by(r.c.at, r.c.response_id)
             ).all()
@@ -328,10 +350,75 @@ class Experiments:
             ).scalars()
             shadow_outputs = list(samples)
         history = self.history(experiment.id)
-        out = summarize(experiment, rows, shadow_outputs, history)
+        out = summarize(experiment, rows, shadow_outputs, history, pruned)
         out["history"] = history
-        out.update(judge(experiment, rows, out))
+        out.update(judge(experiment, rows, out, pruned))
         return out
+
+    def prune(self, name: str, *, at: datetime | None = None, experiment_id: int | None = None) -> int:
+        """Apply an experiment's retention (the running one on ``name``, else its newest, or the
+        one with ``experiment_id``): fold its oldest responses beyond ``max_age`` / ``max_responses``
+        into its aggregates and delete them, never one younger than ``GRACE_SECONDS``; ``at``: now.
+        How many were deleted (0 when it keeps everything)."""
+        experiment = self.get(name, experiment_id=experiment_id)
+        retention = experiment.settings.retention
+        if not retention:
+            return 0
+        at = at or now()
+        r = t.experiment_responses
+        done = 0
+        while True:
+            with write_transaction(self.engine) as conn:
+                # One pruning at a time per experiment (gateways prune concurrently).
+                stored = conn.execute(
+                    select(t.experiments.c.pruned)
+                    .where(t.experiments.c.id == experiment.id)
+                    .with_for_update()
+                ).scalar()
+                history = self.history(experiment.id)
+                mine = r.c.experiment_id == experiment.id
+                ripe = at - timedelta(seconds=GRACE_SECONDS)
+                count = 0
+                if retention.max_age is not None:
+                    old = min(ripe, at - timedelta(seconds=retention.max_age))
+                    count = conn.execute(select(func.count()).where(mine, r.c.at < old)).scalar() or 0
+                if retention.max_responses is not None:
+                    total = conn.execute(select(func.count()).where(mine)).scalar() or 0
+                    eligible = conn.execute(select(func.count()).where(mine, r.c.at < ripe)).scalar() or 0
+                    count = max(count, min(total - retention.max_responses, eligible))
+                count = min(count, PRUNE_BATCH)
+                if count <= 0:
+                    return done
+                rows = conn.execute(
+                    select(r.c.response_id, *_RESPONSE_COLUMNS)
+                    .where(mine, r.c.at < ripe)
+                    .order_by(r.c.at, r.c.response_id)
+                    .limit(count)
+                    .with_for_update()
+                ).all()
+                folded = (Pruned.from_dict(stored) or Pruned()).fold(experiment, rows, history)
+                ids = [row.response_id for row in rows]
+                for i in range(0, len(ids), 500):
+                    conn.execute(delete(r).where(r.c.response_id.in_(ids[i : i + 500])))
+                conn.execute(
+                    update(t.experiments)
+                    .where(t.experiments.c.id == experiment.id)
+                    .values(pruned=folded.to_dict())
+                )
+                done += len(rows)
+
+    def prune_all(self, *, at: datetime | None = None) -> dict[str, int]:
+        """Apply every experiment's retention, running or ended: {"tenant/name#id": deleted}."""
+        out = {}
+        for experiment in self.list():
+            if experiment.settings.retention:
+                deleted = self.prune(experiment.adapter, at=at, experiment_id=experiment.id)
+                out[f"{experiment.adapter}#{experiment.id}"] = deleted
+        return out
+
+    @property
+    def _postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
     def enforce(self, name: str) -> dict[str, Any] | None:
         """Apply the running experiment's own rules to what it has recorded: a breached guardrail

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapterdeck.registry import NotFound
 from adapterdeck.registry.experiments import THUMBS
-from adapterdeck.registry.experiments.model import parse_settings
+from adapterdeck.registry.experiments.model import parse_retention, parse_settings
 from adapterdeck.registry.refs import parse_adapter
 from adapterdeck.registry.tenants import Principal
 from adapterdeck.serve.auth import Caller
@@ -32,6 +32,12 @@ class GuardrailBody(BaseModel):
     margin: Any = Field(description="how much worse is tolerated (see docs/api.md)")
 
 
+class RetentionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_age: Any = Field(default=None, description="seconds, or a duration such as 12h or 7d")
+    max_responses: Any = Field(default=None, description="how many recorded responses are kept")
+
+
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(description="the public name tenant/name that clients call")
@@ -42,6 +48,9 @@ class CreateBody(BaseModel):
     auto_promote: bool = False
     evaluators: list[str] = Field(default_factory=list, description="reference-free live evaluators")
     eval_sample: Any = Field(default=1.0, description="the share of answers the evaluators score")
+    retention: RetentionBody | None = Field(
+        default=None, description="how long recorded responses are kept (aggregates stay)"
+    )
 
 
 class WeightBody(BaseModel):
@@ -100,6 +109,9 @@ def router(traffic: Traffic, metrics: Metrics) -> APIRouter:
             auto_promote=body.auto_promote,
             evaluators=body.evaluators,
             eval_sample=body.eval_sample,
+            retention=parse_retention(body.retention.max_age, body.retention.max_responses)
+            if body.retention
+            else None,
         )
         experiment = await asyncio.to_thread(
             store.create, name, body.control, candidates, body.shadow, _actor(who), settings

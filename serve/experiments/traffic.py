@@ -35,6 +35,7 @@ SHADOW_CONCURRENCY = 16
 MAX_PENDING = 100_000
 USER_HEADER = "x-user-id"
 GUARD_INTERVAL = 2.0  # seconds between two checks of the experiments' guardrails
+PRUNE_INTERVAL = 60.0  # seconds between two applications of the experiments' retention
 LIVE = "_live"  # a noted row's (evaluators, prompt, answer) until it is scored
 
 
@@ -77,6 +78,7 @@ class Traffic:
         self.store = Experiments(registry)
         self.metrics = metrics
         self._guarded_at = 0.0
+        self._pruned_at = time.monotonic()
         self.database = database
         self.running: dict[str, Experiment] = {}
         self.pending: list[dict[str, Any]] = []
@@ -108,6 +110,19 @@ class Traffic:
             if time.monotonic() - self._guarded_at >= GUARD_INTERVAL:
                 self._guarded_at = time.monotonic()
                 await self.guard()
+            if time.monotonic() - self._pruned_at >= PRUNE_INTERVAL:
+                self._pruned_at = time.monotonic()
+                await self.prune()
+
+    async def prune(self) -> None:
+        """Apply the running experiments' retention (see registry/experiments/retention.py)."""
+        for experiment in list(self.running.values()):
+            if not experiment.settings.retention:
+                continue
+            try:
+                await asyncio.to_thread(self.store.prune, experiment.adapter, experiment_id=experiment.id)
+            except Exception as exc:
+                logger.warning("cannot apply the retention of experiment %s: %s", experiment.adapter, exc)
 
     async def guard(self) -> None:
         """Apply the running experiments' own rules (guardrails, auto-promote) to what they have
