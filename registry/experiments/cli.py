@@ -218,6 +218,14 @@ def show(ctx: typer.Context, name: Name, as_json: JsonFlag = False) -> None:
         out.print(
             f"sample ratio: p={srm['p']:.3g}{' MISMATCH' if srm['mismatch'] else ' (as the weights say)'}"
         )
+    elif srm.get("note"):
+        out.print(f"sample ratio: not tested ({srm['note']})")
+    if report.get("pruned"):
+        kept = report["pruned"]
+        out.print(
+            f"retention: {kept['responses']} responses up to {kept['through']} folded into the "
+            "aggregates (the figures include them)"
+        )
     if report.get("shadow"):
         s = report["shadow"]
         out.print(
