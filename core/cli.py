@@ -276,14 +276,37 @@ def train(
         typer.Option("--set", help="Override a config key: --set train.epochs=1 (repeatable)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in the output directory.")] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Train data-parallel in N processes on this machine (CPUs: gloo; GPUs: one each); "
+            "train.batch_size is shared among them.",
+        ),
+    ] = 1,
+    machines: Annotated[int, typer.Option(min=1, help="Machines one training runs across.")] = 1,
+    machine_rank: Annotated[int, typer.Option(min=0, help="This machine's number among them (0: main).")] = 0,
+    main_address: Annotated[
+        str | None, typer.Option(help="HOST:PORT of machine 0, where the machines meet.")
+    ] = None,
 ) -> None:
     """Train an adapter: validate the data, tune, keep the best checkpoint, evaluate base vs tuned."""
     from adapterdeck.core.config import load_config
+    from adapterdeck.core.distributed import copy_command, launch, world
     from adapterdeck.core.train import run_training
 
+    if (processes > 1 or machines > 1) and not world().distributed:
+        ended = launch(
+            copy_command(), processes, machines=machines, machine_rank=machine_rank, main_address=main_address
+        )
+        if ended.crashed:
+            err.print(f"[red]error:[/red] {ended.crashed}; the other processes were stopped", highlight=False)
+        raise typer.Exit(ended.code)
     config = load_config(config_file, _parse_sets(set_ or []))
     reporter = RichReporter(out)
     result = run_training(config, reporter, overwrite=overwrite)
+    if result.report is None:
+        return  # another process of a multi-process run: the main one reports
     reporter.finish(result.report["training"])
     print_summary(result.report, result.run_dir, out)
     if result.report["status"] == "interrupted":
@@ -438,7 +461,10 @@ def main() -> None:
     try:
         app()
     except AdapterdeckError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        from adapterdeck.core.distributed import world
+
+        if world().main:  # in a multi-process run every process meets the same mistake: say it once
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except OSError as exc:  # a full disk, a read-only directory, a missing file: say which
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""

@@ -105,7 +105,9 @@ class TrainConfig(Strict):
     learning_rate: float | None = Field(None, gt=0, description="default: the method's")
     epochs: float = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many steps (overrides epochs)")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(
+        8, ge=1, description="examples per step, shared equally by the processes of a multi-process run"
+    )
     gradient_accumulation: int = Field(1, ge=1)
     max_length: int | None = Field(None, ge=8, description="longest example in tokens; default: the base's")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -116,6 +118,14 @@ class TrainConfig(Strict):
     logging_steps: int = Field(5, ge=1)
     packing: bool = Field(True, description="padding-free packing of examples into each batch")
     dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    strategy: str = Field(
+        "ddp",
+        pattern="^(ddp|fsdp|deepspeed)$",
+        description="how several processes share the work: ddp (data-parallel), fsdp, deepspeed",
+    )
+    collective_timeout: int = Field(
+        600, ge=10, description="seconds a process waits for the others before the run fails"
+    )
 
 
 class EarlyStoppingConfig(Strict):

@@ -147,6 +147,11 @@ def sft_trainer(answer_only: bool) -> type:
                 # Normalized over the whole accumulated batch, as the model's own loss is with
                 # num_items_in_batch: the Trainer must not divide it again.
                 self.loss_is_scaled_for_ga = num_items_in_batch is not None
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    # Data-parallel: num_items_in_batch counts every process's tokens and DDP
+                    # averages the gradients, so each process's share is scaled back up, as the
+                    # Trainer's own compute_loss does.
+                    loss = loss * self.accelerator.num_processes
             else:
                 loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
                 accuracy.add_shifted(outputs.logits, inputs["labels"])

@@ -164,7 +164,11 @@ def trainer_callback(reporter: Reporter, stop: dict[str, bool]) -> Any:
             self._report()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            from adapterdeck.core.distributed import agree
+
             self.step = state.global_step
+            # Several processes stop after the same step: when any of them was asked to.
+            stop["requested"] = agree(stop["requested"])
             if stop["requested"]:
                 control.should_training_stop = True
 

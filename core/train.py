@@ -1,7 +1,8 @@
 """``adapterdeck train``: validate -> split -> encode -> tune with the Trainer -> evaluate -> report.
 
-Training uses the transformers Trainer, so ``accelerate launch -m adapterdeck.core.cli train
-run.yaml`` runs it on several GPUs unchanged. Validation loss is measured as training goes;
+Training uses the transformers Trainer; ``adapterdeck train --processes N`` (or ``accelerate
+launch`` / ``torchrun``) runs it data-parallel in N processes (``distributed.py``): only the main
+process writes the run directory. Validation loss is measured as training goes;
 training stops early when it stops improving and the best checkpoint is kept. The first
 Ctrl-C stops after the current step and still writes a usable adapter and a report that
 says it was interrupted; a second one aborts at once.
@@ -34,6 +35,7 @@ from adapterdeck.core.continued import (
     parent_params,
     parent_section,
 )
+from adapterdeck.core.distributed import World, check_strategy, per_process_batch, world
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
@@ -74,7 +76,7 @@ STALE = ("adapter", "report.json", "loss.png", "step_metrics.csv", "checkpoints"
 @dataclass
 class TrainResult:
     run_dir: Path
-    report: dict[str, Any]
+    report: dict[str, Any] | None  # None in the other processes of a multi-process run
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
 
@@ -119,8 +121,15 @@ def run_training(
     config: RunConfig, reporter: Reporter | None = None, overwrite: bool = False, run_name: str | None = None
 ) -> TrainResult:
     """Run a whole training run: ``adapter/``, ``report.json`` and ``loss.png`` under ``config.output``;
-    logged to the trackers in ``config.log`` (as ``run_name``, default the output directory's name)."""
-    rep = reporter or Reporter()
+    logged to the trackers in ``config.log`` (as ``run_name``, default the output directory's name).
+    In a run of several processes, the others train beside the main one and return ``report``
+    None: only the main process reports, writes and evaluates."""
+    here = world()
+    rep = reporter if reporter is not None and here.main else Reporter()
+    if here.distributed:
+        check_strategy(config.train.strategy, here.size)
+        per_process_batch(config.train.batch_size, here.size)
+        rep.note(f"{here.size} processes ({config.train.strategy}), this is the main one")
     started = time.monotonic()
     durations: dict[str, float] = {}
     plugins = catalog()
@@ -130,7 +139,8 @@ def run_training(
     objective_params = config.objective_params(plugins)
     names = [*config.eval.evaluators, *(n for n in objective.evaluators if n not in config.eval.evaluators)]
     evaluators = [plugins.evaluator(n) for n in names]
-    check_output(config.output, overwrite)
+    if here.main:
+        check_output(config.output, overwrite)
     parent = None
     if config.init_adapter:
         parent = find_parent(config, method)
@@ -142,7 +152,11 @@ def run_training(
     check_data_kinds(objective, data)
     durations["validate"] = _since(started)
 
-    trackers = RunTrackers.for_run(config, plugins, data.sha256, (params, objective_params), run_name, rep)
+    trackers = (
+        RunTrackers.for_run(config, plugins, data.sha256, (params, objective_params), run_name, rep)
+        if here.main
+        else RunTrackers([], rep)
+    )
     with trackers:
         rep.stage("loading the base model")
         t = time.monotonic()
@@ -150,13 +164,16 @@ def run_training(
         durations["load"] = _since(t)
 
         schedule = plan(config, len(data.train_ds), method)
-        clear_run_dir(config.output)
+        if here.main:
+            clear_run_dir(config.output)
         rep.stage("training")
-        outcome = train(config, data, tuning, schedule, rep, trackers)
+        outcome = train(config, data, tuning, schedule, rep, trackers, here)
         durations["train"] = round(outcome.seconds, 3)
+        if not here.main:
+            return TrainResult(config.output, None, tuning.model, data.tokenizer)
 
         meta = save_adapter(config, data, tuning)
-        report = build_report(config, data, tuning, schedule, outcome, meta, durations)
+        report = build_report(config, data, tuning, schedule, outcome, meta, durations, here)
         write_report(config.output, report)
         write_step_metrics(config.output, report)
         plot_losses(report, config.output / "loss.png")
@@ -234,16 +251,27 @@ def clear_run_dir(run_dir: Path) -> None:
             target.unlink()
 
 
-def training_arguments(config: RunConfig, schedule: Schedule, tuning: Tuning) -> dict[str, Any]:
+def training_arguments(
+    config: RunConfig, schedule: Schedule, tuning: Tuning, here: World | None = None
+) -> dict[str, Any]:
     """The Trainer's arguments (``TrainingArguments`` keywords): validate and checkpoint every
-    ``eval_steps``, keep the best."""
+    ``eval_steps``, keep the best; in ``here.size`` processes, each with its share of the batch."""
     import torch
 
     train, precision = config.train, tuning.precision
+    here = here or World()
+    batch = per_process_batch(train.batch_size, here.size)
+    cpu = not torch.cuda.is_available()
+    extra: dict[str, Any] = {}
+    if here.distributed:
+        # gloo on CPUs; a process that waits longer than this for the others fails the run.
+        extra.update(ddp_timeout=train.collective_timeout, ddp_find_unused_parameters=False)
+        if cpu:
+            extra["ddp_backend"] = "gloo"
     return dict(
         output_dir=str(config.output / "checkpoints"),
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
         gradient_accumulation_steps=train.gradient_accumulation,
         learning_rate=schedule.learning_rate,
         num_train_epochs=train.epochs,
@@ -271,8 +299,10 @@ def training_arguments(config: RunConfig, schedule: Schedule, tuning: Tuning) ->
         use_cache=False,
         bf16=precision.autocast == "bfloat16",
         fp16=precision.autocast == "float16",
-        # transformers refuses bf16/fp16 without a GPU unless told the CPU is meant.
-        use_cpu=precision.autocast is not None and not torch.cuda.is_available(),
+        # transformers refuses bf16/fp16 without a GPU unless told the CPU is meant; accelerate
+        # joins a multi-process run on CPUs (gloo) only when told so too.
+        use_cpu=cpu and (precision.autocast is not None or here.distributed),
+        **extra,
     )
 
 
@@ -308,10 +338,16 @@ def build_trainer(
 
 
 def train(
-    config: RunConfig, data: RunData, tuning: Tuning, schedule: Schedule, rep: Reporter, trackers: RunTrackers
+    config: RunConfig,
+    data: RunData,
+    tuning: Tuning,
+    schedule: Schedule,
+    rep: Reporter,
+    trackers: RunTrackers,
+    here: World | None = None,
 ) -> Outcome:
     """Train until done, early-stopped or Ctrl-C; the best checkpoint's weights are loaded back."""
-    arguments = training_arguments(config, schedule, tuning)
+    arguments = training_arguments(config, schedule, tuning, here)
     t = time.monotonic()
     with Interrupts(rep) as stop:
         trainer = build_trainer(config, data, tuning, arguments, rep, stop, trackers)
@@ -373,8 +409,13 @@ def build_report(
     outcome: Outcome,
     meta: dict[str, Any],
     durations: dict[str, float],
+    here: World | None = None,
 ) -> dict[str, Any]:
     """``report.json``: the config, base, method, data and training as run; ``test`` comes later."""
+    here = here or World()
+    training = _training_section(tuning, schedule, outcome)
+    training["processes"] = here.size
+    training["strategy"] = config.train.strategy if here.distributed else None
     return {
         "status": "interrupted" if outcome.stop_reason == "interrupted" else "succeeded",
         "adapterdeck_version": __version__,
@@ -384,7 +425,7 @@ def build_report(
         "objective": meta["objective"],
         "parent": parent_section(tuning.parent, outcome.start_val_loss),
         "data": _data_section(data),
-        "training": _training_section(tuning, schedule, outcome),
+        "training": training,
         "test": None,
         "samples": [],
         "durations": durations,

@@ -183,6 +183,17 @@ class FineTuneSettings(Strict):
     max_attempts: int = Field(2, ge=1, description="tries of a job whose workers keep dying, then failed")
     poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for queued jobs")
     stop_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL of a stopped training")
+    devices_per_job: int = Field(
+        1,
+        ge=1,
+        description="processes each job trains in, data-parallel (CPUs: gloo, each its share of the "
+        "cores; GPUs: one device each)",
+    )
+    devices: list[str] | None = Field(
+        None,
+        description="the GPUs this machine's workers train on (CUDA_VISIBLE_DEVICES ids); the n-th "
+        "worker takes the n-th group of devices_per_job of them; none: every GPU (or the CPU)",
+    )
     workdir: Path | None = Field(None, description="where workers train; default: <registry home>/finetune")
     mlflow_tracking_uris: list[str] = Field(
         default_factory=list,

@@ -197,6 +197,34 @@ class WorkerLeases:
                 insert_event(conn, job_id, f"{reason}; the job is back in the queue", level="warn")
         return bool(changed)
 
+    def retry(self, job_id: str, worker_id: str, code: str, message: str) -> str | None:
+        """A training that crashed (a process died, not the data or the config): requeue the job
+        while it has attempts left, as for a dead worker, else fail it. Its new status, or None
+        when the job is no longer this worker's."""
+        with write_transaction(self.engine) as conn:
+            row = conn.execute(
+                select(t.ft_jobs.c.attempts, t.ft_jobs.c.max_attempts).where(self._mine(job_id, worker_id))
+            ).first()
+            if row is None:
+                return None
+            at = now()
+            if row.attempts < row.max_attempts:
+                values: dict[str, Any] = {"status": QUEUED, "worker_id": None, "heartbeat_at": None}
+                text = f"{message}; job requeued after attempt {row.attempts} of {row.max_attempts}"
+                level = "warn"
+            else:
+                text = f"{message}, on the last of {row.max_attempts} attempts"
+                values = {
+                    "status": FAILED,
+                    "error": {"code": code, "message": text, "param": None},
+                    "finished_at": at,
+                }
+                level = "error"
+            values.update(lease_expires_at=None, estimated_finish=None, publishing=0)
+            conn.execute(update(t.ft_jobs).where(self._mine(job_id, worker_id)).values(**values))
+            insert_event(conn, job_id, text if level == "warn" else f"The job failed: {text}", level=level)
+        return values["status"]
+
     def sweep(self) -> list[tuple[str, str]]:
         """Requeue (or fail, with no attempts left) running jobs whose lease ran out, and fail jobs
         stuck in validation. Returns ``(job id, new status)`` for each; cheap when there are none."""

@@ -20,8 +20,10 @@ from typing import IO, Any
 from adapterdeck.core import hookimpl
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.progress import StepLoss, StepLosses, epoch_ends
-from adapterdeck.serve.finetune.parent import die_with_parent
+from adapterdeck.serve.finetune.parent import PARENT_ENV, die_with_parent
 from adapterdeck.serve.finetune.spec import resolve_hyperparameters, run_config
+
+MODULE = "adapterdeck.serve.finetune.child"
 
 
 class _Fetched:
@@ -44,6 +46,14 @@ class _Emitter:
     def __call__(self, kind: str, **fields: Any) -> None:
         self.stream.write(json.dumps({"kind": kind, **fields}, default=str) + "\n")
         self.stream.flush()
+
+
+class _Errors(_Emitter):
+    """What a copy other than the main one says: its errors only."""
+
+    def __call__(self, kind: str, **fields: Any) -> None:
+        if kind == "error":
+            super().__call__(kind, **fields)
 
 
 class _JobReporter:
@@ -148,15 +158,35 @@ def _stopped(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def main(spec_path: str) -> int:
+def launch(spec_path: str, processes: int) -> int:
+    """Run the job's training as ``processes`` copies of this child (``core/distributed.py``), this
+    process their agent: the copies inherit the pipe to the worker (only the main one reports),
+    and when one of them dies the others are stopped and the worker is told it crashed."""
+    from adapterdeck.core.distributed import launch as run_copies
+
+    die_with_parent()
+    os.environ[PARENT_ENV] = str(os.getpid())  # each copy dies with this agent
+    emit = _Emitter(os.fdopen(os.dup(1), "w", buffering=1))
+    ended = run_copies(["-m", MODULE, spec_path], processes)
+    if ended.crashed:
+        emit("error", code="training_crashed", message=ended.crashed)
+    return ended.code
+
+
+def main(spec_path: str, processes: int = 1) -> int:
     """Run one job's training from its spec; progress and errors go to the worker as JSON lines."""
+    from adapterdeck.core.distributed import world
+
+    here = world()
+    if processes > 1 and not here.distributed:
+        return launch(spec_path, processes)
     die_with_parent()
     # A cancel or a stopping worker ends the training with SIGTERM: stop as Ctrl-C does, so the
     # run's trackers record it killed before the process exits (SIGKILL follows the grace period).
     signal.signal(signal.SIGTERM, _stopped)
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever libraries print goes to the log, not into the protocol
-    emit = _Emitter(protocol)
+    emit = _Emitter(protocol) if here.main else _Errors(protocol)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from adapterdeck.core.config import parse_config
@@ -169,7 +199,7 @@ def main(spec_path: str) -> int:
             plugin_manager().register(_Fetched(parent["ref"], Path(parent["path"])), "job-parent")
         method = catalog().method(spec["adapter_method"]["name"])
         resolved = resolve_hyperparameters(
-            spec["hyperparameters"], spec["examples"], method.default_learning_rate
+            spec["hyperparameters"], spec["examples"], method.default_learning_rate, here.size
         )
         emit("hyperparameters", data=resolved)
         config = parse_config(
@@ -190,6 +220,8 @@ def main(spec_path: str) -> int:
         )
         reporter = _JobReporter(emit, resolved["n_epochs"])
         result = run_training(config, reporter, overwrite=True, run_name=spec["job_id"])
+        if result.report is None:
+            return 0  # another copy of a multi-process training: the main one reports
         training = result.report["training"]
         reporter.finish(training)
         if training["stop_reason"] == "early_stopping":
@@ -229,4 +261,6 @@ def main(spec_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    args = sys.argv[1:]
+    copies = int(args[args.index("--processes") + 1]) if "--processes" in args else 1
+    sys.exit(main(args[0], copies))

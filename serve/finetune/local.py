@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from adapterdeck.registry.private import PRIVATE_UMASK, create_private, private_dir
-from adapterdeck.serve.finetune.parent import PARENT_ENV
+from adapterdeck.serve.finetune.parent import PARENT_ENV, WORKER_INDEX_ENV
 from adapterdeck.serve.settings import ServeSettings
 
 logger = logging.getLogger("adapterdeck.worker")
@@ -53,7 +53,7 @@ class LocalWorkers:
     def _supervise(self, index: int) -> None:
         backoff = 1.0
         while not self._stopping.is_set():
-            env = {**os.environ, **self.env, PARENT_ENV: str(os.getpid())}
+            env = {**os.environ, **self.env, PARENT_ENV: str(os.getpid()), WORKER_INDEX_ENV: str(index)}
             log_path = self.log_dir / f"worker-{index}.log"
             create_private(log_path)
             with log_path.open("ab") as log:

@@ -6,6 +6,7 @@ import os
 import signal
 
 PARENT_ENV = "ADAPTERDECK_PARENT_PID"
+WORKER_INDEX_ENV = "ADAPTERDECK_WORKER_INDEX"  # which of `serve`'s workers a worker is (its devices)
 
 
 def die_with_parent() -> None:

@@ -16,18 +16,23 @@ DEFAULT_BETA = 0.1  # dpo's, as DpoParams has it
 MIN_TRAINING_EXAMPLES = 10
 
 
-def resolve_hyperparameters(requested: dict[str, Any], examples: int, default_lr: float) -> dict[str, Any]:
+def resolve_hyperparameters(
+    requested: dict[str, Any], examples: int, default_lr: float, processes: int = 1
+) -> dict[str, Any]:
     """Concrete values for ``n_epochs``, ``batch_size`` and ``learning_rate_multiplier`` ("auto" or not).
 
-    auto: 3 epochs; a batch of 8, or a tenth of the examples for smaller files; the method's own
-    learning rate (multiplier 1); for a DPO job (``beta`` among them), beta 0.1.
+    auto: 3 epochs; a batch of 8, or a tenth of the examples for smaller files, rounded up to a
+    multiple of ``processes`` (each trains on an equal share); the method's own learning rate
+    (multiplier 1); for a DPO job (``beta`` among them), beta 0.1.
     """
     epochs = requested.get("n_epochs", AUTO)
     batch = requested.get("batch_size", AUTO)
     multiplier = requested.get("learning_rate_multiplier", AUTO)
     resolved = {
         "n_epochs": DEFAULT_EPOCHS if epochs == AUTO else int(epochs),
-        "batch_size": min(DEFAULT_BATCH_SIZE, max(1, examples // 10)) if batch == AUTO else int(batch),
+        "batch_size": -(-min(DEFAULT_BATCH_SIZE, max(1, examples // 10)) // processes) * processes
+        if batch == AUTO
+        else int(batch),
         "learning_rate_multiplier": 1.0 if multiplier == AUTO else float(multiplier),
         "learning_rate": default_lr * (1.0 if multiplier == AUTO else float(multiplier)),
     }

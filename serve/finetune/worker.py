@@ -33,11 +33,12 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.report import checkpoint_metrics, step_metrics_csv
 from adapterdeck.registry import NotFound, PublishRefused, Registry
 from adapterdeck.registry.finetune import PURPOSE_RESULTS, FineTuning, JobRecord, NewCheckpoint
 from adapterdeck.registry.private import PRIVATE_UMASK, create_private, private_dir
-from adapterdeck.serve.finetune.parent import PARENT_ENV
+from adapterdeck.serve.finetune.parent import PARENT_ENV, WORKER_INDEX_ENV
 from adapterdeck.serve.settings import FineTuneSettings
 
 logger = logging.getLogger("adapterdeck.worker")
@@ -88,9 +89,31 @@ class _Heartbeat(threading.Thread):
 class _Run:
     """A finished training child: how it ended."""
 
-    outcome: str  # "done", "failed", "lost" or "stopping"
+    outcome: str  # "done", "failed", "crashed" (a process died: retried), "lost" or "stopping"
     code: str | None = None
     message: str | None = None
+
+
+def device_group(settings: FineTuneSettings, index: int) -> list[str] | None:
+    """The GPUs worker ``index`` trains on: its group of ``devices_per_job`` of ``finetune.devices``
+    (None: not set, every GPU the machine has, or the CPU). Refused at start, with one line, when
+    the group is incomplete or the machine has fewer GPUs than a job needs."""
+    need = settings.devices_per_job
+    if settings.devices is not None:
+        group = settings.devices[index * need : (index + 1) * need]
+        if len(group) < need:
+            raise AdapterdeckError(
+                f"finetune.devices lists {len(settings.devices)} devices: worker {index} has "
+                f"{len(group)} of the {need} finetune.devices_per_job asks for"
+            )
+        return group
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < need:
+        raise AdapterdeckError(
+            f"finetune.devices_per_job is {need} but this machine has {torch.cuda.device_count()} GPUs"
+        )
+    return None
 
 
 class Worker:
@@ -114,6 +137,7 @@ class Worker:
         home = registry.settings.home.expanduser()
         self.workdir = (settings.workdir or home / "finetune").expanduser()
         self.log_dir = home / "logs" / "finetune"
+        self.devices = device_group(settings, int(os.environ.get(WORKER_INDEX_ENV) or 0))
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -169,6 +193,8 @@ class Worker:
             run = self._train(job, spec, heart)
             if run.outcome == "done":
                 self._publish(job, job_dir / "run", heart)
+            elif run.outcome == "crashed":
+                self.jobs.retry(job.id, self.worker_id, run.code or "training_crashed", run.message or "")
             elif run.outcome == "failed":
                 raise JobError(run.code or "training_failed", run.message or "training failed")
         except JobError as exc:
@@ -243,9 +269,15 @@ class Worker:
         log_path = self.log_dir / f"{job.id}.log"
         create_private(log_path)
         env = {**os.environ, PARENT_ENV: str(os.getpid()), "TOKENIZERS_PARALLELISM": "false"}
+        processes = self.settings.devices_per_job
+        command = [sys.executable, "-m", CHILD, str(spec)]
+        if processes > 1:
+            command += ["--processes", str(processes)]
+        if self.devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", CHILD, str(spec)],
+                command,
                 stdout=subprocess.PIPE,
                 stderr=log,
                 env=env,
@@ -255,8 +287,9 @@ class Worker:
             )
         self.jobs.add_event(
             job.id,
-            f"Training process {proc.pid} started",
-            data={"worker": self.worker_id, "pid": proc.pid},
+            f"Training process {proc.pid} started"
+            + (f" ({processes} data-parallel processes)" if processes > 1 else ""),
+            data={"worker": self.worker_id, "pid": proc.pid, "processes": processes, "devices": self.devices},
         )
         error: dict[str, Any] = {}
         reader = threading.Thread(target=self._relay, args=(job, proc, error), daemon=True)
@@ -289,6 +322,8 @@ class Worker:
                 error.get("message")
                 or f"the training process exited with {proc.returncode}; the worker's job log has the details"
             )
+            if error.get("code") == "training_crashed":  # a process died: not the job's fault
+                return _Run("crashed", "training_crashed", message)
             return _Run("failed", error.get("code") or "training_failed", message)
         return _Run("done")
 
