@@ -19,7 +19,7 @@ candidate with probability 1/2, looked at after every ``--every`` ratings up to 
     the median number of ratings that took among those; the fixed-horizon test also read once at
     ``--ratings``, and the ratings it needs planned in advance for 80% power.
 
-The sequential p is the report's own: ``sequential`` from ``adapterdeck.registry.experiments.stats``
+The sequential p is the report's own: ``sequential`` from ``adapterdeck.registry.experiments.sequential``
 (the mSPRT over every prefix of the ratings, as ``compare`` computes it), on arrays of experiments;
 ``--tau`` other than the report's ``TAU`` shows what the mixing prior trades.
 The exit code is 0 whatever the figures.
@@ -34,7 +34,7 @@ import time
 import numpy as np
 from scipy import stats as sps
 
-from adapterdeck.registry.experiments.stats import MIN_SAMPLES, TAU, sequential
+from adapterdeck.registry.experiments.sequential import MIN_SAMPLES, TAU, sequential
 
 CHUNK = 200  # experiments simulated at once (memory: ~30 arrays of CHUNK x ratings floats)
 

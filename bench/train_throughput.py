@@ -1,7 +1,12 @@
 """Training throughput: ``adapterdeck train`` against a plain transformers Trainer + PEFT script.
 
     .venv/bin/python bench/train_throughput.py [--base tiny] [--steps 60] [--repeats 2]
-        [--micro-batches 30] [--workdir out/bench]
+        [--micro-batches 30] [--workdir out/bench] [--processes N]
+
+``--processes N`` measures something else: ``adapterdeck train cfg.yaml`` in one process against
+``adapterdeck train cfg.yaml --processes N`` (data-parallel, gloo on CPUs), each a fresh
+``adapterdeck train`` command, interleaved, on the same config (the same global batch); tokens/s
+of the training phase from each report.json, the medians compared, and the best validation losses.
 
 ``--base`` picks the base both sides train on. ``tiny`` (the default) is the random-init offline
 demo base, trained with LoRA r 8, alpha 32, dropout 0.05, all-linear, learning rate 3e-3 and batch
@@ -546,6 +551,50 @@ def _load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def run_processes(cfg: Path, workdir: Path, processes: int) -> dict[str, Any]:
+    """``adapterdeck train cfg.yaml [--processes N]`` as a user runs it; its report's figures."""
+    out = workdir / "runs" / f"processes-{processes}"
+    cmd = [sys.executable, "-m", "adapterdeck.core.cli", "train", str(cfg), "--overwrite"]
+    cmd += ["--set", f"output={out}", "--processes", str(processes)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{processes}-process run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    report = json.loads((out / "report.json").read_text())
+    training = report["training"]
+    return {
+        "seconds": report["durations"]["train"],
+        "tokens": training["tokens_seen"],
+        "steps": training["steps"],
+        "best_val_loss": training["best_val_loss"],
+    }
+
+
+def compare_processes(cfg: Path, workdir: Path, processes: int, repeats: int) -> None:
+    """1 process against ``processes``, interleaved: tokens/s and the best validation loss."""
+    counts = {1: [], processes: []}
+    for i in range(repeats):
+        for n in (1, processes) if i % 2 == 0 else (processes, 1):
+            run = run_processes(cfg, workdir, n)
+            counts[n].append(run)
+            print(
+                f"  run {i + 1} {n} process{'es' if n > 1 else '  '} {run['seconds']:6.1f} s "
+                f"{_rate(run):7.0f} tokens/s | best validation loss {run['best_val_loss']:.4f} "
+                f"| load {_load()}",
+                flush=True,
+            )
+    one = statistics.median(_rate(r) for r in counts[1])
+    many = statistics.median(_rate(r) for r in counts[processes])
+    loss_one = statistics.median(r["best_val_loss"] for r in counts[1])
+    loss_many = statistics.median(r["best_val_loss"] for r in counts[processes])
+    print()
+    print(f"medians: 1 process {one:.0f} tokens/s, {processes} processes {many:.0f} tokens/s: ", end="")
+    print(f"{many / one:.2f}x")
+    print(
+        f"best validation loss: 1 process {loss_one:.4f}, {processes} processes {loss_many:.4f} "
+        f"({abs(loss_many - loss_one) / loss_one:.1%} apart)"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -564,6 +613,9 @@ def main() -> int:
         type=int,
         help="batches of the in-process packed/padded step comparison at the end "
         "(default 30 on the tiny base, 6 on the real one)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="compare 1 process with this many (data-parallel) instead"
     )
     parser.add_argument("--adapterdeck-run", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-run", type=Path, help=argparse.SUPPRESS)
@@ -609,6 +661,11 @@ def main() -> int:
         f"{eval_steps} steps, the best one reloaded at the end; early stopping off (fixed step count)",
         flush=True,
     )
+
+    if opts.processes > 1:
+        compare_processes(cfg, workdir, opts.processes, opts.repeats)
+        print(f"total {time.monotonic() - t0:.0f} s")
+        return 0
 
     sides = {"adapterdeck": run_adapterdeck, "baseline": run_baseline}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}

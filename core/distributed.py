@@ -100,10 +100,11 @@ def check_strategy(strategy: str, processes: int) -> None:
                 "train.strategy deepspeed needs GPUs (ZeRO shards over NCCL); on CPUs use ddp"
             )
         return
-    if strategy == "fsdp" and not torch.cuda.is_available():
+    if strategy == "fsdp":
         raise AdapterdeckError(
-            "train.strategy fsdp needs GPUs here (the Trainer's FSDP puts each shard on a CUDA "
-            "device); on CPUs use ddp"
+            "train.strategy fsdp is not supported yet: the adapter is saved and evaluated whole, "
+            "which under FSDP needs its shards gathered by every process; use ddp (every process "
+            "holds the whole model; a LoRA adds little to it)"
         )
 
 

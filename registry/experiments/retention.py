@@ -35,7 +35,8 @@ from typing import Any
 from adapterdeck.registry.db import utc
 from adapterdeck.registry.experiments.guardrails import series
 from adapterdeck.registry.experiments.model import CANDIDATE, Experiment
-from adapterdeck.registry.experiments.stats import Moments, Run, Stats, interleave, weights_set_at
+from adapterdeck.registry.experiments.sequential import Moments, Run, interleave
+from adapterdeck.registry.experiments.stats import Stats, weights_set_at
 
 GRACE_SECONDS = 60
 MAX_POINTS = 1440  # timeline points per variant before they are merged into coarser ones

@@ -158,6 +158,24 @@ def _stopped(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _run_config(spec: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """The job's run config, from its spec and its resolved hyperparameters."""
+    parent = spec.get("parent")
+    return run_config(
+        base=spec["base"],
+        adapter_method=spec["adapter_method"],
+        evaluators=spec["evaluators"],
+        hyperparameters=resolved,
+        seed=spec["seed"],
+        objective=spec.get("objective"),
+        init_adapter=parent["ref"] if parent else None,
+        integrations=spec.get("integrations"),
+        train=Path(spec["train"]),
+        validation=Path(spec["validation"]) if spec.get("validation") else None,
+        output=Path(spec["output"]),
+    )
+
+
 def launch(spec_path: str, processes: int) -> int:
     """Run the job's training as ``processes`` copies of this child (``core/distributed.py``), this
     process their agent: the copies inherit the pipe to the worker (only the main one reports),
@@ -202,22 +220,7 @@ def main(spec_path: str, processes: int = 1) -> int:
             spec["hyperparameters"], spec["examples"], method.default_learning_rate, here.size
         )
         emit("hyperparameters", data=resolved)
-        config = parse_config(
-            run_config(
-                base=spec["base"],
-                adapter_method=spec["adapter_method"],
-                evaluators=spec["evaluators"],
-                hyperparameters=resolved,
-                seed=spec["seed"],
-                objective=spec.get("objective"),
-                init_adapter=parent["ref"] if parent else None,
-                integrations=spec.get("integrations"),
-                train=Path(spec["train"]),
-                validation=Path(spec["validation"]) if spec.get("validation") else None,
-                output=Path(spec["output"]),
-            ),
-            f"job {spec['job_id']}",
-        )
+        config = parse_config(_run_config(spec, resolved), f"job {spec['job_id']}")
         reporter = _JobReporter(emit, resolved["n_epochs"])
         result = run_training(config, reporter, overwrite=True, run_name=spec["job_id"])
         if result.report is None:
