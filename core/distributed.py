@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from adapterdeck.core.errors import AdapterdeckError
 
@@ -68,6 +69,33 @@ def agree(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def from_main(flag: bool) -> bool:
+    """The main process's ``flag``, in every process (a broadcast; without a process group, the
+    flag itself)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def stop_together() -> Any:
+    """A Trainer callback, the last of them: after each evaluation, every process stops when the
+    main one decided to (early stopping reads the same gathered figures everywhere; this makes it
+    one decision whatever a callback does)."""
+    from transformers import TrainerCallback
+
+    class StopTogether(TrainerCallback):
+        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            control.should_training_stop = from_main(bool(control.should_training_stop))
+
+    return StopTogether()
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:

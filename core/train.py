@@ -34,7 +34,7 @@ from adapterdeck.core.continued import (
     load_parent_weights,
     parent_params,
 )
-from adapterdeck.core.distributed import World, check_strategy, per_process_batch, world
+from adapterdeck.core.distributed import World, check_strategy, per_process_batch, stop_together, world
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
@@ -318,6 +318,8 @@ def build_trainer(
                 early_stopping_threshold=config.early_stopping.min_delta,
             )
         )
+    if world().distributed:
+        callbacks.append(stop_together())  # last: the main process's decision, everywhere
     tuning.model.config.use_cache = False
     parts = TrainerParts(
         config, data, tuning.model, tuning.base, data.tokenizer, tuning.method, tuning.params,

@@ -95,6 +95,13 @@ def test_two_processes_train_as_one_does(base_model: Path, support: Path, tmp_pa
     assert two.stdout.count("step 4:") == 1 and two.stdout.count("report:") == 1
     assert "2 processes (ddp), this is the main one" in two.stdout
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    # Early stopping: one decision (the main process's), so both stop after the same evaluation.
+    early = _config(base_model, support, tmp_path / "early")
+    early_stop = ["--set", "early_stopping.patience=1", "--set", "early_stopping.min_delta=100"]
+    stopped = run_cli("train", str(early), "--processes", "2", *early_stop)
+    assert stopped.returncode == 0, stopped.stderr
+    training = json.loads((tmp_path / "early" / "report.json").read_text())["training"]
+    assert training["stop_reason"] == "early_stopping" and training["steps"] == 8, training["steps"]
     # A batch the processes cannot share equally is refused with one line, once.
     odd = run_cli(
         "train", str(_config(base_model, support, tmp_path / "odd", batch_size=7)), "--processes", "2"
