@@ -28,6 +28,12 @@ from typing import Any
 from adapterdeck.core.errors import AdapterdeckError
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
+# accelerate turns FSDP on only for accelerators (GPUs, XPUs, NPUs...); on CPUs it would train as
+# DDP without saying so.
+FSDP_NEEDS_ACCELERATORS = (
+    "train.strategy fsdp needs GPUs (accelerate shards with FSDP only on accelerators; on CPUs "
+    "every process holds the whole model anyway): use ddp"
+)
 SHUTDOWN_SECONDS = 120  # after a Ctrl-C, how long the copies may take to finish their step and save
 
 
@@ -128,12 +134,55 @@ def check_strategy(strategy: str, processes: int) -> None:
                 "train.strategy deepspeed needs GPUs (ZeRO shards over NCCL); on CPUs use ddp"
             )
         return
-    if strategy == "fsdp":
-        raise AdapterdeckError(
-            "train.strategy fsdp is not supported yet: the adapter is saved and evaluated whole, "
-            "which under FSDP needs its shards gathered by every process; use ddp (every process "
-            "holds the whole model; a LoRA adds little to it)"
-        )
+    if strategy == "fsdp" and not torch.accelerator.is_available():
+        raise AdapterdeckError(FSDP_NEEDS_ACCELERATORS)
+
+
+def fsdp_arguments() -> dict[str, Any]:
+    """The Trainer's FSDP (version 2, ``fully_shard``): each decoder layer's parameters sharded over
+    the processes and gathered for its forward and backward; the adapter's own parameters (the
+    only ones trained) keep their names, so checkpoints hold the adapter alone and the best one is
+    loaded back by every process. ``sync_module_states`` off: every process loads the same base."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "state_dict_type": "FULL_STATE_DICT",
+            "reshard_after_forward": True,
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
+def deepspeed_arguments() -> dict[str, Any]:
+    """The Trainer's DeepSpeed: ZeRO stage 2 (the optimizer's state and the gradients sharded over
+    the processes; the parameters whole in each, so the adapter is saved and evaluated as under
+    ddp); the batch, accumulation and precision are the run's ("auto": the Trainer fills them)."""
+    return {
+        "deepspeed": {
+            "zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+        }
+    }
+
+
+def gather_trained(model: Any) -> dict[str, Any]:
+    """The trained parameters (the adapter's) whole, from every process's shards: every process
+    must call it, in the same order of parameters; each gets them on the CPU. The frozen base is
+    not gathered: it is the same everywhere, loaded from the same files."""
+    from torch.distributed.tensor import DTensor
+
+    gathered = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            gathered[name] = whole.detach().to("cpu", copy=True)
+    return gathered
 
 
 @dataclass(frozen=True)

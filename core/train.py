@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,17 @@ from adapterdeck.core.continued import (
     load_parent_weights,
     parent_params,
 )
-from adapterdeck.core.distributed import World, check_strategy, per_process_batch, stop_together, world
+from adapterdeck.core.distributed import (
+    FSDP_NEEDS_ACCELERATORS,
+    World,
+    check_strategy,
+    deepspeed_arguments,
+    fsdp_arguments,
+    gather_trained,
+    per_process_batch,
+    stop_together,
+    world,
+)
 from adapterdeck.core.errors import AdapterdeckError
 from adapterdeck.core.evalcache import default_cache_dir, open_cache
 from adapterdeck.core.evaluate import compare, pick_shots, prompt_verdict
@@ -106,6 +116,8 @@ class Outcome:
     stop_reason: str  # completed, early_stopping or interrupted
     seconds: float
     start_val_loss: float | None = None  # a continued run's validation loss before its first step
+    gathered: dict[str, Any] | None = None  # under FSDP: the trained weights, whole
+    device: str = "cpu"  # where this process trained
 
 
 def run_training(
@@ -162,6 +174,8 @@ def run_training(
         durations["train"] = round(outcome.seconds, 3)
         if not here.main:
             return TrainResult(config.output, None, tuning.model, data.tokenizer)
+        if outcome.gathered is not None:
+            tuning = unshard(config, tuning, outcome.gathered, rep, outcome.device)
 
         meta = save_adapter(config, data, tuning)
         report = build_report(config, data, tuning, schedule, outcome, meta, durations, here)
@@ -222,6 +236,25 @@ def load_model(
     )  # fmt: skip
 
 
+def unshard(
+    config: RunConfig, tuning: Tuning, weights: dict[str, Any], rep: Reporter, device: str = "cpu"
+) -> Tuning:
+    """The tuned model whole again, from the weights FSDP gathered: the base loaded afresh, the
+    method's adapter on it, and the trained weights (the best checkpoint's) put in."""
+    import torch
+
+    rep.note("adapter gathered from the processes' shards")
+    base = tuning.method.load_base(config.base, tuning.params, dtype=getattr(torch, tuning.precision.load))
+    model = tuning.method.apply(base, tuning.params)
+    wanted = [name for name, p in model.named_parameters() if p.requires_grad]
+    missing = [name for name in wanted if name not in weights]
+    if missing:
+        raise AdapterdeckError(f"FSDP gathered none of {len(missing)} adapter tensors ({missing[0]} ...)")
+    model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
+    model.to(device)
+    return replace(tuning, base=base, model=model)
+
+
 def plan(config: RunConfig, train_examples: int, method: TuningMethod) -> Schedule:
     """How many steps, how often to validate, and at what learning rate."""
     bs, ga = config.train.batch_size, config.train.gradient_accumulation
@@ -259,6 +292,11 @@ def training_arguments(
         extra.update(ddp_timeout=train.collective_timeout, ddp_find_unused_parameters=False)
         if cpu:
             extra["ddp_backend"] = "gloo"
+        if train.strategy != "ddp":
+            # FSDP and DeepSpeed checkpoint the optimizer beside the (adapter-only) weights, and
+            # the Trainer loads the best checkpoint back only from such a one.
+            sharded = fsdp_arguments() if train.strategy == "fsdp" else deepspeed_arguments()
+            extra.update(sharded, save_only_model=False)
     return dict(
         output_dir=str(config.output / "checkpoints"),
         per_device_train_batch_size=batch,
@@ -276,7 +314,6 @@ def training_arguments(
         save_strategy="steps",
         save_steps=schedule.eval_steps,
         save_total_limit=2,
-        save_only_model=True,
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -293,7 +330,7 @@ def training_arguments(
         # transformers refuses bf16/fp16 without a GPU unless told the CPU is meant; accelerate
         # joins a multi-process run on CPUs (gloo) only when told so too.
         use_cpu=cpu and (precision.autocast is not None or here.distributed),
-        **extra,
+        **{"save_only_model": True, **extra},
     )
 
 
@@ -344,9 +381,15 @@ def train(
     t = time.monotonic()
     with Interrupts(rep) as stop:
         trainer = build_trainer(config, data, tuning, arguments, rep, stop, trackers)
+        if "fsdp" in arguments and not trainer.is_fsdp_enabled:
+            raise AdapterdeckError(FSDP_NEEDS_ACCELERATORS)
         # A continued run starts where its parent ended: measured, so the report can show it.
         start = trainer.evaluate()["eval_loss"] if tuning.parent is not None else None
         trainer.train()
+        # Under FSDP each process holds a shard of each layer: every one sends its shards to the
+        # main process, which puts the weights into a model of its own for saving and evaluating.
+        gathered = gather_trained(trainer.model) if trainer.is_fsdp_enabled else None
+        device = str(trainer.args.device)
         # Under mixed precision the Trainer wrapped the model's forward in autocast; evaluation,
         # export and the returned model run at the weights' own precision, as a reloaded adapter does.
         trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -358,7 +401,7 @@ def train(
         stop_reason = "early_stopping"
     else:
         stop_reason = "completed"
-    return Outcome(state, stop_reason, seconds, start)
+    return Outcome(state, stop_reason, seconds, start, gathered, device)
 
 
 def save_adapter(config: RunConfig, data: RunData, tuning: Tuning) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def test_strategies_and_device_groups_that_cannot_run_are_refused(
     base_model: Path, support: Path, tmp_path: Path
 ) -> None:
     for strategy, says in (
-        ("fsdp", "train.strategy fsdp is not supported yet"),
+        ("fsdp", "train.strategy fsdp needs GPUs"),
         ("deepspeed", "train.strategy deepspeed needs the deepspeed package"),
     ):
         config = _config(base_model, support, tmp_path / strategy, strategy=strategy)
@@ -220,3 +220,56 @@ def test_strategies_and_device_groups_that_cannot_run_are_refused(
     with pytest.raises(AdapterdeckError, match=r"worker 1 has 1 of the 2 finetune\.devices_per_job asks for"):
         device_group(FineTuneSettings(devices=["0", "1", "2"], devices_per_job=2), 1)
     assert device_group(FineTuneSettings(devices_per_job=2), 0) is None  # the CPU: any number
+
+
+def test_fsdp_arguments_and_unsharding(base_model: Path, support: Path, tmp_path: Path) -> None:
+    """What of FSDP can be checked on CPUs. accelerate shards with FSDP only on accelerators (above:
+    refused on CPUs), so the sharded training itself does not run here; these are the two ends
+    adapterdeck adds to it: the Trainer's FSDP configuration, and the adapter put whole into a
+    fresh model from the gathered weights, which the main process saves and evaluates."""
+    import torch
+    from transformers import TrainingArguments
+
+    from adapterdeck.core.config import load_config
+    from adapterdeck.core.distributed import World
+    from adapterdeck.core.plugins import catalog
+    from adapterdeck.core.progress import Reporter
+    from adapterdeck.core.train import load_model, plan, training_arguments, unshard
+
+    config = load_config(_config(base_model, support, tmp_path / "run", strategy="fsdp"))
+    plugins = catalog()
+    method, objective = plugins.method(config.method.name), plugins.objective(config.objective.name)
+    params, objective_params = config.method_params(plugins), config.objective_params(plugins)
+    tuning = load_model(config, method, params, objective, objective_params, Reporter())
+    schedule = plan(config, 192, method)
+
+    fsdp = training_arguments(config, schedule, tuning, World(0, 2, 0))
+    assert fsdp["per_device_train_batch_size"] == 4 and not fsdp["save_only_model"]  # the best reloads
+    assert training_arguments(config, schedule, tuning)["save_only_model"]  # one process: no FSDP
+    zero = config.model_copy(update={"train": config.train.model_copy(update={"strategy": "deepspeed"})})
+    deepspeed = training_arguments(zero, schedule, tuning, World(0, 2, 0))
+    assert deepspeed["deepspeed"]["zero_optimization"]["stage"] == 2 and "fsdp" not in deepspeed
+    assert not deepspeed["save_only_model"]
+    # transformers takes the configuration as it is (the Trainer builds accelerate's plugin from it).
+    given = {"fsdp": fsdp["fsdp"], "fsdp_config": fsdp["fsdp_config"]}
+    plugin = TrainingArguments(output_dir=str(tmp_path / "args"), **given).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["reshard_after_forward"]
+
+    # Trained weights, as the processes' shards gathered would give them: the adapter's alone.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tuning.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    gathered = {n: p.detach().clone() for n, p in tuning.model.named_parameters() if p.requires_grad}
+    assert 0 < len(gathered) < len(dict(tuning.model.named_parameters()))
+    whole = unshard(config, tuning, gathered, Reporter()).model
+    assert whole is not tuning.model
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    whole.eval(), tuning.model.eval()  # no dropout
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, tuning.model(input_ids=ids).logits)
+    first = next(iter(gathered))
+    with pytest.raises(AdapterdeckError, match=r"FSDP gathered none of 1 adapter tensors"):
+        unshard(config, tuning, {n: w for n, w in gathered.items() if n != first}, Reporter())
