@@ -83,6 +83,11 @@ class FleetSettings(Strict):
         description="a replica that holds the adapter may go up to (1 + this) x the mean before a request "
         "is sent to one that would have to load it",
     )
+    batch_slots: bool = Field(
+        True,
+        description="prefer a replica where the adapter can run at once: its requests run there, or one of "
+        "vLLM's max_loras batch slots is free (else it waits in that replica's queue)",
+    )
     spread_load: float = Field(
         4.0,
         gt=0,

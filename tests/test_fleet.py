@@ -52,8 +52,14 @@ class Stand:
     in_flight: int = 0
     resident: set[str] = field(default_factory=set)
 
+    running: set[str] = field(default_factory=set)  # adapters with requests in flight there
+    slots: int | None = None  # vLLM's max_loras (None: not limited)
+
     def holds(self, name: str) -> bool:
         return name in self.resident
+
+    def can_run(self, name: str) -> bool:
+        return name in self.running or self.slots is None or len(self.running) < self.slots
 
 
 def stands(n: int) -> list[Stand]:
@@ -204,6 +210,37 @@ def test_a_request_is_sent_where_it_must_be_loaded_only_past_the_wider_bound() -
     assert router.choose(name, replicas, 0.0) is other
     with pytest.raises(ValueError, match="cold_load_factor must be at least load_factor"):
         FleetSettings(load_factor=0.5, cold_load_factor=0.25)
+
+
+def test_a_request_goes_where_its_adapter_can_run_at_once() -> None:
+    """vLLM batches at most max_loras adapters: a request to another waits for a slot. The router
+    prefers a replica where the adapter runs already or a slot is free, among those it would choose
+    anyway, and leaves its place for one that holds it and can run it (never for a cold one)."""
+    replicas = stands(3)
+    for r in replicas:
+        r.slots, r.in_flight = 2, 2
+    name = ADAPTERS[5]
+    router = Router(FleetSettings(k_min=2, k_max=2))
+    first, second, third = ranked(name, replicas)
+    first.running, second.running = {"x", "y"}, {"z"}
+    first.resident.add(name)
+    # Its k: the first holds it but its batch is full; the second has a free slot.
+    assert router.choose(name, replicas, 0.0) is second
+    second.running = {"z", "w"}  # both full now: residency decides, as before
+    assert router.choose(name, replicas, 0.0) is first
+    first.running = {"x", name}  # its requests run on the first: they share the slot
+    second.running = {"z"}
+    assert router.choose(name, replicas, 0.0) is first
+    # k = 1: its place's batch is full; a replica that holds it and has a slot takes it, no load.
+    one = Router(FleetSettings(k_min=1, k_max=1))
+    first.running, second.running, third.running = {"x", "y"}, {"z", "w"}, {"v"}
+    assert one.choose(name, replicas, 0.0) is first  # nowhere else holds it: it waits at home
+    third.resident.add(name)
+    assert one.choose(name, replicas, 0.0) is third
+    third.in_flight = 9  # over the cap: the bound still holds
+    assert one.choose(name, replicas, 0.0) is first
+    third.in_flight = 2
+    assert Router(FleetSettings(k_min=1, k_max=1, batch_slots=False)).choose(name, replicas, 0.0) is first
 
 
 def test_a_dead_replica_moves_only_its_own_adapters_and_takes_them_back() -> None:
@@ -413,6 +450,7 @@ def test_a_failed_replica_is_taken_out_and_the_request_retried_on_another() -> N
             assert not engine.fleet.replicas[0].healthy
             assert engine.fleet.report()["replicas"][0]["status"] == "unreachable"
             assert [r.in_flight for r in engine.fleet.replicas] == [0, 0]
+            assert [dict(r.running) for r in engine.fleet.replicas] == [{}, {}]  # none left over
             fakes[1].kill()
             with pytest.raises(ApiError) as failed:
                 await engine.forward("/v1/completions", {"prompt": "x"}, _target(name), Outcome())

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ class Replica:
         capacity: int,
         supervisor: VllmSupervisor | None = None,
         key: str | None = None,
+        slots: int | None = None,
     ) -> None:
         self.id = str(index)
         self.url = url.rstrip("/")
@@ -79,7 +80,8 @@ class Replica:
         self.problem: str | None = None  # why a replica at a URL is refused (not vLLM, another base)
         self.verified = supervisor is not None
         self.incarnation: Any = None  # the supervisor's restarts, or the process start time
-        self.max_lora: int | None = None
+        self.max_lora = slots  # adapters in one batch (vLLM's --max-loras; its /metrics corrects it)
+        self.running: Counter[str] = Counter()  # this gateway's requests in flight here, by adapter
         self.comebacks = 0
         self.was_up = False
         self.last_ok = 0.0  # when /health last answered
@@ -93,6 +95,11 @@ class Replica:
 
     def holds(self, name: str) -> bool:
         return name in self.resident
+
+    def can_run(self, name: str) -> bool:
+        """A request to ``name`` would join the running batch at once: ``name``'s requests run here
+        already, or one of the batch's LoRA slots is free (else it waits in vLLM's queue)."""
+        return name in self.running or self.max_lora is None or len(self.running) < self.max_lora
 
     @property
     def restarts(self) -> int:
@@ -133,9 +140,12 @@ class Fleet:
         self.metrics = metrics
         self.router = Router(settings.fleet)
         capacity = settings.vllm.max_cpu_loras
-        self.replicas = [Replica(i, s.url, capacity, supervisor=s) for i, s in enumerate(supervised)]
+        slots = settings.vllm.max_loras
+        self.replicas = [
+            Replica(i, s.url, capacity, supervisor=s, slots=slots) for i, s in enumerate(supervised)
+        ]
         for url in settings.vllm.endpoints():
-            self.replicas.append(Replica(len(self.replicas), url, capacity, key=key))
+            self.replicas.append(Replica(len(self.replicas), url, capacity, key=key, slots=slots))
         self.client: aiohttp.ClientSession | None = None
         self._warm_with = warm_with
         self._callbacks: list[ReadyCallback] = []
@@ -192,12 +202,16 @@ class Fleet:
         replica.in_flight += 1
         self.metrics.replica_in_flight.labels(replica.id).inc()
         if not target.is_base:
+            replica.running[target.name] += 1
             self.router.started(target.name, time.monotonic())
 
     def end(self, replica: Replica, target: Target) -> None:
         replica.in_flight -= 1
         self.metrics.replica_in_flight.labels(replica.id).dec()
         if not target.is_base:
+            replica.running[target.name] -= 1
+            if replica.running[target.name] <= 0:
+                del replica.running[target.name]
             self.router.finished(target.name, time.monotonic())
 
     def admit(self, replica: Replica, name: str) -> bool:

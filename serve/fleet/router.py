@@ -16,10 +16,18 @@ time), so every rule below is unit-tested.
 - The cost of a cold start counts: a request leaves its ``k`` replicas only for one under the
   cap, and there for one that already holds the adapter; it is sent where it would have to be
   loaded (a load, and an eviction of another adapter there) only when none of its ``k`` replicas
-  that hold it is under the wider cap of ε = ``cold_load_factor``. In order:
-  1. its ``k`` replicas under cap(``load_factor``): resident first, then the least loaded (so a
-     hot adapter's requests split over its ``k`` replicas), then the highest rendezvous score;
-  2. the other replicas under that cap that hold it, in its rendezvous order;
+  that hold it is under the wider cap of ε = ``cold_load_factor``.
+- Batch slots count (``batch_slots``, as llm-d scores a replica higher where the adapter runs or
+  a LoRA slot is free): vLLM runs at most ``max_loras`` adapters in one batch, and a request to
+  another waits in that replica's queue until a slot frees. A replica *can run* the adapter at once
+  when its requests run there already (they share the slot) or it has a free slot (the gateway
+  counts its own requests in flight there, by adapter). In order:
+  1. its ``k`` replicas under cap(``load_factor``): one that can run it at once first, resident
+     next, then the least loaded (so a hot adapter's requests split over its ``k`` replicas), then
+     the highest rendezvous score; when that one cannot run it at once, another replica under the
+     cap that holds it and can run it at once takes it (no load, no wait);
+  2. the other replicas under that cap that hold it, in its rendezvous order (one that can run it
+     at once first);
   3. its ``k`` replicas that hold it, under cap(``cold_load_factor``);
   4. the other replicas under cap(``load_factor``), in its rendezvous order (a cold overflow);
   5. the least loaded.
@@ -51,6 +59,8 @@ class Routable(Protocol):
     in_flight: int
 
     def holds(self, name: str) -> bool: ...
+
+    def can_run(self, name: str) -> bool: ...
 
 
 R = TypeVar("R", bound=Routable)
@@ -170,12 +180,18 @@ class Router:
         home, rest = order[:k], order[k:]
         cap = load_cap(order, self.settings.load_factor)
         # ``min`` keeps the first of equals: the highest weight.
+        ready = self.runs_now
         allowed = [r for r in home if r.in_flight + 1 <= cap]
+        warm = [r for r in rest if r.holds(name) and r.in_flight + 1 <= cap]
         if allowed:
-            return min(allowed, key=lambda r: (not r.holds(name), r.in_flight))
-        for r in rest:
-            if r.holds(name) and r.in_flight + 1 <= cap:
-                return r
+            best = min(allowed, key=lambda r: (not ready(r, name), not r.holds(name), r.in_flight))
+            if ready(best, name):
+                return best
+            # Its place would queue it behind a full batch: a replica that holds it and can run it
+            # at once takes it (no load); else it waits at home.
+            return next((r for r in warm if ready(r, name)), best)
+        if warm:
+            return next((r for r in warm if ready(r, name)), warm[0])
         wide = load_cap(order, self.settings.cold_load_factor)
         allowed = [r for r in home if r.holds(name) and r.in_flight + 1 <= wide]
         if allowed:
@@ -184,6 +200,10 @@ class Router:
             if r.in_flight + 1 <= cap:
                 return r
         return min(order, key=lambda r: r.in_flight)  # not reached: the cap leaves room somewhere
+
+    def runs_now(self, replica: Routable, name: str) -> bool:
+        """Whether ``name`` would run on ``replica`` at once (always, with ``batch_slots`` off)."""
+        return not self.settings.batch_slots or replica.can_run(name)
 
     def baseline(self, replicas: Sequence[R]) -> R:
         """``fleet.policy``'s baselines, blind to adapters (to measure affinity against):
