@@ -251,7 +251,8 @@ def unshard(
     if missing:
         raise AdapterdeckError(f"FSDP gathered none of {len(missing)} adapter tensors ({missing[0]} ...)")
     model.load_state_dict({name: weights[name] for name in wanted}, strict=False)
-    model.to(device)
+    if next(model.parameters()).device != torch.device(device):  # a quantized base is placed already
+        model.to(device)
     return replace(tuning, base=base, model=model)
 
 

@@ -241,6 +241,14 @@ def test_a_request_goes_where_its_adapter_can_run_at_once() -> None:
     assert one.choose(name, replicas, 0.0) is first
     third.in_flight = 2
     assert Router(FleetSettings(k_min=1, k_max=1, batch_slots=False)).choose(name, replicas, 0.0) is first
+    # Past the tight bound at home (it holds it, under the wide one) and behind a full batch there:
+    # a cold replica with a free slot takes it, a load rather than a wait; with room at home, never.
+    third.resident.discard(name)
+    first.in_flight, second.in_flight, third.in_flight = 5, 1, 1  # cap(0.5) = 4, cap(1.0) = 6
+    first.running, second.running, third.running = {"x", "y"}, {"z", "w"}, {"v"}
+    assert one.choose(name, replicas, 0.0) is third
+    third.running = {"v", "u"}  # no slot anywhere: it waits at home rather than load
+    assert one.choose(name, replicas, 0.0) is first
 
 
 def test_a_dead_replica_moves_only_its_own_adapters_and_takes_them_back() -> None:

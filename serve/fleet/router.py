@@ -28,8 +28,11 @@ time), so every rule below is unit-tested.
      cap that holds it and can run it at once takes it (no load, no wait);
   2. the other replicas under that cap that hold it, in its rendezvous order (one that can run it
      at once first);
-  3. its ``k`` replicas that hold it, under cap(``cold_load_factor``);
-  4. the other replicas under cap(``load_factor``), in its rendezvous order (a cold overflow);
+  3. its ``k`` replicas that hold it, under cap(``cold_load_factor``), unless the one chosen
+     would queue it behind a full batch while a replica of step 4 can run it at once (there it
+     waits for no one: a load costs less than a wait);
+  4. the other replicas under cap(``load_factor``), in its rendezvous order (a cold overflow;
+     one that can run it at once first);
   5. the least loaded.
   So the bound every replica keeps is ``cold_load_factor``'s; ``load_factor``'s holds wherever
   keeping it costs no load.
@@ -194,11 +197,13 @@ class Router:
             return next((r for r in warm if ready(r, name)), warm[0])
         wide = load_cap(order, self.settings.cold_load_factor)
         allowed = [r for r in home if r.holds(name) and r.in_flight + 1 <= wide]
+        cold = [r for r in rest if r.in_flight + 1 <= cap]
         if allowed:
-            return min(allowed, key=lambda r: r.in_flight)
-        for r in rest:
-            if r.in_flight + 1 <= cap:
-                return r
+            best = min(allowed, key=lambda r: r.in_flight)
+            # Past the tight bound and behind a full batch, it would wait: a load costs less.
+            return best if ready(best, name) else next((r for r in cold if ready(r, name)), best)
+        if cold:
+            return next((r for r in cold if ready(r, name)), cold[0])
         return min(order, key=lambda r: r.in_flight)  # not reached: the cap leaves room somewhere
 
     def runs_now(self, replica: Routable, name: str) -> bool:
