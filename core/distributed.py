@@ -142,9 +142,9 @@ def fsdp_arguments() -> dict[str, Any]:
     """The Trainer's FSDP (version 2, ``fully_shard``): each decoder layer's parameters sharded over
     the processes and gathered for its forward and backward; the adapter's own parameters (the
     only ones trained) keep their names, so checkpoints hold the adapter alone and the best one is
-    loaded back by every process. ``sync_module_states`` off: every process loads the same base."""
+    loaded back by every process."""
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
             "version": 2,
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",

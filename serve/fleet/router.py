@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -183,28 +183,38 @@ class Router:
         home, rest = order[:k], order[k:]
         cap = load_cap(order, self.settings.load_factor)
         # ``min`` keeps the first of equals: the highest weight.
-        ready = self.runs_now
         allowed = [r for r in home if r.in_flight + 1 <= cap]
-        warm = [r for r in rest if r.holds(name) and r.in_flight + 1 <= cap]
-        if allowed:
-            best = min(allowed, key=lambda r: (not ready(r, name), not r.holds(name), r.in_flight))
-            if ready(best, name):
-                return best
-            # Its place would queue it behind a full batch: a replica that holds it and can run it
-            # at once takes it (no load); else it waits at home.
-            return next((r for r in warm if ready(r, name)), best)
-        if warm:
-            return next((r for r in warm if ready(r, name)), warm[0])
+        ready_key = lambda r: (not self.runs_now(r, name), not r.holds(name), r.in_flight)  # noqa: E731
+        best = min(allowed, key=ready_key) if allowed else None
+        if best is not None and self.runs_now(best, name):
+            return best
+        # Its place would queue it behind a full batch (or is full): a replica that holds it takes
+        # it (no load), one that can run it at once first; else it waits at home.
+        warm = (r for r in rest if r.holds(name) and r.in_flight + 1 <= cap)
+        chosen = self.ready_first(name, warm, best)
+        if chosen is not None:
+            return chosen
         wide = load_cap(order, self.settings.cold_load_factor)
         allowed = [r for r in home if r.holds(name) and r.in_flight + 1 <= wide]
-        cold = [r for r in rest if r.in_flight + 1 <= cap]
-        if allowed:
-            best = min(allowed, key=lambda r: r.in_flight)
-            # Past the tight bound and behind a full batch, it would wait: a load costs less.
-            return best if ready(best, name) else next((r for r in cold if ready(r, name)), best)
-        if cold:
-            return next((r for r in cold if ready(r, name)), cold[0])
+        best = min(allowed, key=lambda r: r.in_flight) if allowed else None
+        if best is not None and self.runs_now(best, name):
+            return best
+        # Past the tight bound and behind a full batch, it would wait: a load costs less.
+        cold = (r for r in rest if r.in_flight + 1 <= cap)
+        chosen = self.ready_first(name, cold, best)
+        if chosen is not None:
+            return chosen
         return min(order, key=lambda r: r.in_flight)  # not reached: the cap leaves room somewhere
+
+    def ready_first(self, name: str, candidates: Iterable[R], fallback: R | None) -> R | None:
+        """The first of ``candidates`` that can run ``name`` at once; when ``fallback`` is None, else
+        the first of them; else ``fallback`` (a request that would queue anyway stays there)."""
+        first = None
+        for r in candidates:
+            if self.runs_now(r, name):
+                return r
+            first = first or r
+        return fallback if fallback is not None else first
 
     def runs_now(self, replica: Routable, name: str) -> bool:
         """Whether ``name`` would run on ``replica`` at once (always, with ``batch_slots`` off)."""
